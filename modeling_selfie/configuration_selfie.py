@@ -1,0 +1,269 @@
+"""Selfie model configuration and the paper's three preset settings."""
+
+from dataclasses import dataclass
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import is_model_in_modules
+from transformers import BitImageProcessor, PreTrainedConfig
+
+
+STEMS = ("imagenet", "cifar")
+BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
+POSITION_EMBEDDING_TYPES = ("factorized", "full")
+CLASSIFIER_HEADS = ("resnet", "attention_pooling")
+
+
+class SelfieConfig(PreTrainedConfig):
+    r"""
+    Configuration of the Selfie models ([`SelfieModel`], [`SelfieForMaskedPatchPrediction`],
+    [`SelfieForImageClassification`]): self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019).
+
+    An image of `image_size` is cut into a grid of non-overlapping `patch_size` x `patch_size` patches. The patch
+    network P (the stem and the first three stages of a timm ResNet) turns every patch into one vector; the attention
+    pooling network A (a few Transformer layers with a learned summary vector u0) summarises the visible patches into
+    u; for every hidden position, u plus that position's embedding must pick the right patch out of the hidden
+    patches of the same image.
+
+    The defaults are the paper's ImageNet 224x224 setting; [`SelfieConfig.from_preset`] gives all three settings.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"resnet50"`):
+            Name of a timm ResNet-family model (`resnet50`, `resnet18`, `resnet50d`, `wide_resnet50_2`, ...). P is
+            its stem and its stages 1-3; the `"resnet"` classification head adds its stage 4.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"layers": [1, 1, 1, 1], "channels": [8, 16, 32,
+            64]}` for a tiny network in tests.
+        backbone_pretrained (`bool`, *optional*, defaults to `False`):
+            Start P (and stage 4) from timm's ImageNet weights when the model is built from this config. Needs the
+            Hugging Face Hub, and the `"batchnorm"` norm. Ignored by `from_pretrained`, which loads the checkpoint's
+            own weights. With the `"cifar"` stem, the replaced stem starts fresh.
+        backbone_norm (`str`, *optional*, defaults to `"batchnorm"`):
+            Normalisation layers of the ResNet: `"batchnorm"`, `"layernorm"` (timm's `LayerNorm2d`, over the channels
+            at every position) or `"groupnorm"` (32 groups, fewer where a layer has fewer channels). CPC v2 found that
+            BatchNorm, whose training-mode statistics mix the patches of a batch, lets hidden patches leak into the
+            context; the per-sample norms cannot.
+        stem (`str`, *optional*, defaults to `"imagenet"`):
+            `"imagenet"`: the backbone's own stem (ResNet-50: 7x7 stride-2 convolution and max-pool). `"cifar"`: one
+            3x3 stride-1 convolution and no max-pool, for 32x32 images and 8x8 patches.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of channels of the input images.
+        image_size (`int` or `list[int]`, *optional*, defaults to 224):
+            Size of the input images, one number for square images or `[height, width]`.
+        patch_size (`int`, *optional*, defaults to 32):
+            Side of the square patches. It must divide the image height and width; the patch grid is
+            `(height // patch_size, width // patch_size)`.
+        num_masked_patches (`int`, *optional*):
+            Number of patches hidden in every image during pretraining: at least 2 (one distractor) and fewer than
+            the number of patches. Defaults to a quarter of the grid (4 of 16, 12 of 49); the paper's figure hides 3
+            of 9.
+        hidden_size (`int`, *optional*, defaults to 1024):
+            Width of the attention pooling network and of the vectors scored in the loss. Where it differs from
+            the width of P's output (1024 for ResNet-50), a linear projection maps P's vectors to it.
+        num_hidden_layers (`int`, *optional*, defaults to 3):
+            Number of Transformer layers in the attention pooling network.
+        num_attention_heads (`int`, *optional*, defaults to 16):
+            Number of attention heads in each Transformer layer; must divide `hidden_size`.
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            Width of each Transformer layer's MLP, as a multiple of `hidden_size`.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on the outputs of the attention and MLP sub-layers.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the attention pooling network's layer norms.
+        position_embedding_type (`str`, *optional*, defaults to `"factorized"`):
+            `"factorized"`: learned row and column embeddings, pos(r, c) = row_r + col_c (7 + 7 vectors on a 7x7
+            grid, as in the paper). `"full"`: one learned vector per grid cell.
+        score_temperature (`float`, *optional*):
+            The candidate scores <u + pos_i, h_j> are divided by this. Defaults to `sqrt(hidden_size)`: raw dot
+            products of 1024-d vectors diverged within a few steps in our experiments. `1.0` gives the raw scores.
+        classifier_head (`str`, *optional*, defaults to `"resnet"`):
+            Head of [`SelfieForImageClassification`]: `"resnet"` (P on the full image, then stage 4, average pooling
+            and a linear classifier: a plain ResNet) or `"attention_pooling"` (no stage 4: the attention pooling
+            network summarises P's feature map of the full image, the paper's "ResNet-36 + attention pooling").
+        classifier_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout before the linear classifier.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of linear layers, position embeddings and u0.
+            Convolutions are initialised as timm initialises its ResNets.
+
+    Example:
+
+    ```python
+    >>> from modeling_selfie import SelfieConfig, SelfieForMaskedPatchPrediction
+
+    >>> config = SelfieConfig.from_preset("cifar10")  # 32x32 images, 8x8 patches, 4 of 16 hidden
+    >>> model = SelfieForMaskedPatchPrediction(config)
+    ```
+    """
+
+    model_type = "selfie"
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict | None = None
+    backbone_pretrained: bool = False
+    backbone_norm: str = "batchnorm"
+    stem: str = "imagenet"
+    num_channels: int = 3
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 32
+    num_masked_patches: int | None = None
+    hidden_size: int = 1024
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-6
+    position_embedding_type: str = "factorized"
+    score_temperature: float | None = None
+    classifier_head: str = "resnet"
+    classifier_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.image_size, (list, tuple)):
+            self.image_size = list(self.image_size)
+        super().__post_init__(**kwargs)
+        self._check_fields()
+        if self.num_masked_patches is None:
+            self.num_masked_patches = max(2, round(self.num_patches / 4))
+        self._check_masking()
+
+    @property
+    def image_height_width(self) -> tuple[int, int]:
+        if isinstance(self.image_size, int):
+            return self.image_size, self.image_size
+        return tuple(self.image_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Rows and columns of the patch grid."""
+        height, width = self.image_height_width
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        rows, columns = self.grid_size
+        return rows * columns
+
+    @property
+    def attention_temperature(self) -> float:
+        """The divisor of the candidate scores (see `score_temperature`)."""
+        return self.score_temperature if self.score_temperature is not None else self.hidden_size**0.5
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "SelfieConfig":
+        """The configuration of one of the paper's settings (`PRESETS`), with `kwargs` overriding its fields."""
+        return get_preset(name).config(**kwargs)
+
+    def _check_fields(self):
+        if not isinstance(self.backbone, str) or not is_model_in_modules(self.backbone, ["resnet"]):
+            _fail("backbone", self.backbone, "must name a timm ResNet-family model such as 'resnet50'")
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
+            _fail("backbone_kwargs", self.backbone_kwargs, "must be a dict of timm.create_model arguments")
+        _check_choice("stem", self.stem, STEMS)
+        _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
+        _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
+        if self.backbone_pretrained and self.backbone_norm != "batchnorm":
+            _fail("backbone_pretrained", True, f"needs backbone_norm='batchnorm' (timm's weights), not {self.backbone_norm!r}")
+        for name in ("num_channels", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _check_positive_int(name, getattr(self, name))
+        size = self.image_size
+        if not (_is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size)))):
+            _fail("image_size", size, "must be a positive int or [height, width]")
+        if any(side % self.patch_size for side in self.image_height_width):
+            _fail("patch_size", self.patch_size, f"must divide image_size {size}")
+        if self.hidden_size % self.num_attention_heads:
+            _fail("num_attention_heads", self.num_attention_heads, f"must divide hidden_size={self.hidden_size}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value < 1:
+                _fail(name, value, "must be a probability in [0, 1)")
+        for name in ("mlp_ratio", "layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                _fail(name, value, "must be a positive number")
+        if self.score_temperature is not None and (not _is_number(self.score_temperature) or self.score_temperature <= 0):
+            _fail("score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)")
+
+    def _check_masking(self):
+        masked = self.num_masked_patches
+        if not _is_positive_int(masked) or not 2 <= masked < self.num_patches:
+            _fail(
+                "num_masked_patches",
+                masked,
+                f"must be an int from 2 to {self.num_patches - 1} (the {self.grid_size[0]}x{self.grid_size[1]} grid "
+                "less at least one visible patch)",
+            )
+
+
+def _fail(field: str, value, requirement: str):
+    raise ValueError(f"SelfieConfig.{field}={value!r} {requirement}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_positive_int(field: str, value):
+    if not _is_positive_int(value):
+        _fail(field, value, "must be a positive int")
+
+
+def _check_choice(field: str, value, choices: tuple[str, ...]):
+    if value not in choices:
+        _fail(field, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class SelfiePreset:
+    """One of the paper's settings: the fields of its [`SelfieConfig`] and the image pipeline that goes with it."""
+
+    image_size: int
+    patch_size: int
+    stem: str
+    num_masked_patches: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    resize_shortest_edge: int  # before the centre crop to `image_size` at evaluation
+
+    def config(self, **kwargs) -> SelfieConfig:
+        fields = {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "stem": self.stem,
+            "num_masked_patches": self.num_masked_patches,
+        }
+        return SelfieConfig(**{**fields, **kwargs})
+
+    def image_processor(self, **kwargs) -> BitImageProcessor:
+        """The evaluation pipeline: to RGB, resize the shortest edge, centre crop, rescale to [0, 1], normalise."""
+        settings = {
+            "size": {"shortest_edge": self.resize_shortest_edge},
+            "crop_size": {"height": self.image_size, "width": self.image_size},
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+        return BitImageProcessor(**{**settings, **kwargs})
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+PRESETS = {
+    "cifar10": SelfiePreset(32, 8, "cifar", 4, CIFAR10_MEAN, CIFAR10_STD, resize_shortest_edge=32),
+    "imagenet32": SelfiePreset(32, 8, "cifar", 4, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=32),
+    "imagenet224": SelfiePreset(224, 32, "imagenet", 12, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=256),
+}
+
+
+def get_preset(name: str) -> SelfiePreset:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown Selfie preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]

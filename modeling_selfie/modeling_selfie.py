@@ -1,0 +1,456 @@
+"""PyTorch Selfie: self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019)."""
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models.vision_transformer import Block
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from transformers.modeling_utils import get_torch_context_manager_or_global_device
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_selfie import SelfieConfig
+
+
+@dataclass
+class SelfieModelOutput(ModelOutput):
+    """
+    Output of [`SelfieModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_visible_patches, hidden_size)`):
+            Output of the attention pooling network: u0's place first, then the visible patches in grid order.
+            `None` for a model built without the attention pooling network.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            u, the summary of the visible patches (all patches when no mask is given).
+        patch_embeddings (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`):
+            h, the patch network's vector for every patch, hidden ones included, in row-major grid order.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Input of the attention pooling network and output of each of its layers.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    patch_embeddings: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SelfieForMaskedPatchPredictionOutput(ModelOutput):
+    """
+    Output of [`SelfieForMaskedPatchPrediction`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Cross-entropy of choosing, for every hidden position, its own patch among the image's hidden patches.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_masked_patches, num_masked_patches)`):
+            `logits[b, i, j]` scores hidden patch j as the fill for hidden position i (both in grid order); the right
+            answer of row i is j = i.
+        accuracy (`torch.FloatTensor` of shape `()`):
+            Share of hidden positions whose highest-scored candidate is their own patch (chance: 1 /
+            num_masked_patches).
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`):
+            The mask used, True where a patch was hidden: the one given, or the one drawn.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Input of the attention pooling network and output of each of its layers.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    accuracy: torch.FloatTensor | None = None
+    bool_masked_pos: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
+    # 32 groups as in Wu & He (2018); fewer where a (tiny) layer has fewer channels.
+    return nn.GroupNorm(math.gcd(32, num_channels), num_channels, **kwargs)
+
+
+NORM_LAYERS = {"batchnorm": nn.BatchNorm2d, "layernorm": LayerNorm2d, "groupnorm": _group_norm}
+
+
+def create_resnet(config: SelfieConfig) -> nn.Module:
+    """The full timm ResNet of `config`, without its classifier, stem and norm layers as the config says."""
+    # `from_pretrained` builds the model on the meta device and then loads the checkpoint's own weights:
+    # only a model built fresh from a config starts from timm's ImageNet weights.
+    pretrained = config.backbone_pretrained and get_torch_context_manager_or_global_device() != torch.device("meta")
+    resnet = timm.create_model(
+        config.backbone,
+        pretrained=pretrained,
+        num_classes=0,
+        in_chans=config.num_channels,
+        norm_layer=NORM_LAYERS[config.backbone_norm],
+        **(config.backbone_kwargs or {}),
+    )
+    if pretrained:
+        # Keep the loaded weights through `post_init`, which initialises every tensor not flagged like this.
+        for tensor in itertools.chain(resnet.parameters(), resnet.buffers()):
+            tensor._is_hf_initialized = True
+    if config.stem == "cifar":
+        resnet.conv1 = nn.Conv2d(config.num_channels, resnet.bn1.num_features, 3, stride=1, padding=1, bias=False)
+        resnet.maxpool = nn.Identity()
+    return resnet
+
+
+def create_patch_network(config: SelfieConfig) -> nn.Module:
+    """P: the stem and stages 1-3 of the ResNet; its `forward_features` gives the stage-3 feature map."""
+    resnet = create_resnet(config)
+    resnet.prune_intermediate_layers(indices=[3])  # feature index 3 is stage 3: stage 4 goes
+    return resnet
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut `(batch, channels, height, width)` images into `(batch * num_patches, channels, p, p)` patches, each
+    image's patches in row-major grid order."""
+    batch_size, channels, height, width = pixel_values.shape
+    rows, columns = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch_size, channels, rows, patch_size, columns, patch_size)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size * rows * columns, channels, patch_size, patch_size)
+
+
+def random_patch_mask(
+    batch_size: int,
+    num_patches: int,
+    num_masked_patches: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.BoolTensor:
+    """A `(batch_size, num_patches)` mask hiding `num_masked_patches` positions of every row, drawn uniformly."""
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    hidden = noise.argsort(dim=1)[:, :num_masked_patches]
+    mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
+    return mask.scatter_(1, hidden, True)
+
+
+def split_positions(bool_masked_pos: torch.BoolTensor, num_masked_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid indices of the visible and of the hidden patches of every image, each in increasing grid order."""
+    # A stable sort on the mask puts the visible positions first and the hidden ones last, each in grid order.
+    order = torch.sort(bool_masked_pos.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, :-num_masked_patches], order[:, -num_masked_patches:]
+
+
+def _gather_patches(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`vectors[b, positions[b, k]]` for `(batch, num_patches, dim)` vectors and `(batch, k)` positions."""
+    return torch.take_along_dim(vectors, positions.unsqueeze(-1), dim=1)
+
+
+class SelfiePositionEmbeddings(nn.Module):
+    """Learned embeddings of the patch grid: pos(r, c) = row_r + column_c (`"factorized"`) or one vector a cell."""
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__()
+        rows, columns = config.grid_size
+        self.grid_size = (rows, columns)
+        if config.position_embedding_type == "factorized":
+            self.rows = nn.Parameter(torch.zeros(rows, config.hidden_size))
+            self.columns = nn.Parameter(torch.zeros(columns, config.hidden_size))
+        else:
+            self.cells = nn.Parameter(torch.zeros(rows, columns, config.hidden_size))
+
+    def forward(self, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The `(rows * columns, hidden_size)` table in row-major order, interpolated to `grid_size` if given (for
+        feature maps that are finer than the patch grid)."""
+        rows, columns = grid_size or self.grid_size
+        if hasattr(self, "cells"):
+            cells = self.cells
+            if (rows, columns) != self.grid_size:
+                cells = F.interpolate(cells.permute(2, 0, 1)[None], (rows, columns), mode="bilinear").squeeze(0)
+                cells = cells.permute(1, 2, 0)
+            return cells.flatten(0, 1)
+        row_table, column_table = _resize_table(self.rows, rows), _resize_table(self.columns, columns)
+        return (row_table[:, None] + column_table[None, :]).flatten(0, 1)
+
+
+def _resize_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    if table.shape[0] == length:
+        return table
+    return F.interpolate(table.T[None], length, mode="linear").squeeze(0).T
+
+
+class SelfieAttentionPooling(nn.Module):
+    """A: Transformer layers over (u0, h_v1 + pos_v1, ...); the layer-normed output at u0's place is the summary u."""
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__()
+        self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.layers = nn.ModuleList(
+            Block(
+                config.hidden_size,
+                config.num_attention_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=True,
+                proj_drop=config.hidden_dropout_prob,
+                attn_drop=config.attention_probs_dropout_prob,
+                norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, tokens: torch.Tensor, output_hidden_states: bool = False):
+        hidden = torch.cat([self.summary_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        hidden_states = [hidden]
+        for layer in self.layers:
+            hidden = layer(hidden)
+            hidden_states.append(hidden)
+        return self.norm(hidden), tuple(hidden_states) if output_hidden_states else None
+
+
+class SelfiePreTrainedModel(PreTrainedModel):
+    config_class = SelfieConfig
+    base_model_prefix = "selfie"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # The code saved alongside defines every Selfie class: name them all in `auto_map`, so that each Auto
+            # class loads the checkpoint with `trust_remote_code=True`, whichever head was saved.
+            self.config.auto_map = {
+                "AutoConfig": f"configuration_selfie.{SelfieConfig.__name__}",
+                **{auto_class: f"modeling_selfie.{model_class.__name__}" for model_class, auto_class in AUTO_CLASSES},
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Conv2d):  # as timm initialises its ResNets
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, (SelfiePositionEmbeddings, SelfieAttentionPooling)):
+            for parameter in module.parameters(recurse=False):
+                init.trunc_normal_(parameter, std=std)
+        # timm's residual blocks start as identities: the last norm of each branch at zero. Children are initialised
+        # first, so this comes after that norm's ones_.
+        if hasattr(module, "zero_init_last"):
+            module.zero_init_last()
+
+
+class SelfieModel(SelfiePreTrainedModel):
+    """
+    The Selfie encoder: the patch network P applied to every patch, position embeddings, and the attention pooling
+    network A that summarises the visible patches into u.
+
+    With `add_attention_pooling=False` (used by the plain-ResNet classifier) the model holds P alone and returns
+    only `patch_embeddings`.
+
+    A note on `backbone_norm="batchnorm"`: in training mode, BatchNorm normalises each layer over the whole batch of
+    patches, visible and hidden alike, so the summary u depends slightly on the hidden patches' pixels. In eval mode,
+    or with a per-sample norm (`"layernorm"`, `"groupnorm"`), it does not depend on them at all.
+    """
+
+    def __init__(self, config: SelfieConfig, add_attention_pooling: bool = True):
+        super().__init__(config)
+        self.patch_network = create_patch_network(config)
+        patch_features = self.patch_network.num_features
+        self.patch_projection = (
+            nn.Identity() if patch_features == config.hidden_size else nn.Linear(patch_features, config.hidden_size)
+        )
+        self.position_embeddings = SelfiePositionEmbeddings(config) if add_attention_pooling else None
+        self.attention_pooling = SelfieAttentionPooling(config) if add_attention_pooling else None
+        self.post_init()
+
+    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """P on whole images of any size: the `(batch, channels, height', width')` stage-3 feature map."""
+        return self.patch_network.forward_features(pixel_values)
+
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """h: P on every patch on its own, average-pooled and projected, `(batch, num_patches, hidden_size)`."""
+        expected = self.config.image_height_width
+        if tuple(pixel_values.shape[-2:]) != expected:
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} images but the model's image_size is {expected}."
+            )
+        # All patches of all images go through P in one batch.
+        features = self.feature_map(patchify(pixel_values, self.config.patch_size)).mean(dim=(2, 3))
+        return self.patch_projection(features).view(pixel_values.shape[0], self.config.num_patches, -1)
+
+    def summarize_feature_map(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """u for whole images: A over every cell of P's feature map, with the position embeddings resized to it."""
+        rows, columns = feature_map.shape[-2:]
+        tokens = self.patch_projection(feature_map.flatten(2).transpose(1, 2))
+        last_hidden_state, _ = self.attention_pooling(tokens + self.position_embeddings((rows, columns)))
+        return last_hidden_state[:, 0]
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SelfieModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images of the config's `image_size`.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            True for the patches to hide from the attention pooling network, exactly `num_masked_patches` per
+            image. With no mask, u summarises every patch.
+        """
+        output_hidden_states = output_hidden_states or self.config.output_hidden_states
+        patch_embeddings = self.embed_patches(pixel_values)
+        if self.attention_pooling is None:
+            return SelfieModelOutput(patch_embeddings=patch_embeddings)
+        tokens = patch_embeddings + self.position_embeddings()
+        if bool_masked_pos is not None:
+            self._check_mask(bool_masked_pos, pixel_values.shape[0])
+            visible, _ = split_positions(bool_masked_pos, self.config.num_masked_patches)
+            tokens = _gather_patches(tokens, visible)
+        last_hidden_state, hidden_states = self.attention_pooling(tokens, output_hidden_states)
+        return SelfieModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state[:, 0],
+            patch_embeddings=patch_embeddings,
+            hidden_states=hidden_states,
+        )
+
+    def _check_mask(self, bool_masked_pos: torch.Tensor, batch_size: int):
+        expected_shape = (batch_size, self.config.num_patches)
+        if bool_masked_pos.dtype != torch.bool or tuple(bool_masked_pos.shape) != expected_shape:
+            raise ValueError(
+                f"bool_masked_pos must be a bool tensor of shape {expected_shape}, "
+                f"got {bool_masked_pos.dtype} of shape {tuple(bool_masked_pos.shape)}."
+            )
+        counts = bool_masked_pos.sum(dim=1)
+        if not torch.all(counts == self.config.num_masked_patches):
+            raise ValueError(
+                f"bool_masked_pos must hide exactly num_masked_patches={self.config.num_masked_patches} patches in "
+                f"every image, got {sorted(set(counts.tolist()))}."
+            )
+
+
+class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
+    """
+    Selfie pretraining: for every hidden position i, the query u + pos_i scores each hidden patch j of the same
+    image by <u + pos_i, h_j> / temperature; the loss is the cross-entropy of choosing j = i. Every hidden position
+    of the batch is scored in one batched matrix product.
+    """
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__(config)
+        self.selfie = SelfieModel(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SelfieForMaskedPatchPredictionOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Images of the config's `image_size`.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            True for the hidden patches, exactly `num_masked_patches` per image. When not given, a fresh mask is
+            drawn for every image from torch's global random generator.
+        """
+        config = self.config
+        if bool_masked_pos is None:
+            bool_masked_pos = random_patch_mask(
+                pixel_values.shape[0], config.num_patches, config.num_masked_patches, device=pixel_values.device
+            )
+        outputs = self.selfie(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
+        _, hidden = split_positions(bool_masked_pos, config.num_masked_patches)
+        candidates = _gather_patches(outputs.patch_embeddings, hidden)
+        queries = outputs.pooler_output.unsqueeze(1) + self.selfie.position_embeddings()[hidden]
+        logits = queries @ candidates.transpose(1, 2) / config.attention_temperature
+        targets = torch.arange(config.num_masked_patches, device=logits.device).expand(logits.shape[:2])
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        accuracy = (logits.argmax(dim=-1) == targets).float().mean()
+        return SelfieForMaskedPatchPredictionOutput(
+            loss=loss,
+            logits=logits,
+            accuracy=accuracy,
+            bool_masked_pos=bool_masked_pos,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+class SelfieForImageClassification(SelfiePreTrainedModel):
+    """
+    A classifier on whole images. With `classifier_head="resnet"`: P, then the ResNet's stage 4 (fresh), average
+    pooling and a linear classifier: a plain ResNet whose first three stages can come from Selfie pretraining. With
+    `"attention_pooling"`: no stage 4; the attention pooling network summarises P's feature map and a linear
+    classifier reads the summary (the paper's "ResNet-36 + attention pooling").
+    """
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__(config)
+        use_attention_pooling = config.classifier_head == "attention_pooling"
+        self.selfie = SelfieModel(config, add_attention_pooling=use_attention_pooling)
+        if use_attention_pooling:
+            self.stage4 = None
+            num_features = config.hidden_size
+        else:
+            resnet = create_resnet(config)
+            self.stage4 = resnet.layer4
+            num_features = resnet.num_features
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Linear(num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Whole images (the model is fully convolutional up to its pooling, so any size works; the config's
+            `image_size` is what it was trained on).
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, config.num_labels)`; the loss is the cross-entropy (or as `config.problem_type` says).
+        """
+        feature_map = self.selfie.feature_map(pixel_values)
+        if self.stage4 is None:
+            pooled = self.selfie.summarize_feature_map(feature_map)
+        else:
+            pooled = self.stage4(feature_map).mean(dim=(2, 3))
+        logits = self.classifier(self.dropout(pooled))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+
+
+# Each model and the transformers Auto class that loads it (registered in `__init__.py`).
+AUTO_CLASSES = (
+    (SelfieModel, "AutoModel"),
+    (SelfieForMaskedPatchPrediction, "AutoModelForPreTraining"),
+    (SelfieForImageClassification, "AutoModelForImageClassification"),
+)
+
+__all__ = [
+    "AUTO_CLASSES",
+    "SelfieForImageClassification",
+    "SelfieForMaskedPatchPrediction",
+    "SelfieModel",
+    "SelfiePreTrainedModel",
+    "random_patch_mask",
+]
