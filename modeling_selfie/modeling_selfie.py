@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import PreTrainedModel
@@ -77,6 +78,7 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 
 NORM_LAYERS = {"batchnorm": nn.BatchNorm2d, "layernorm": LayerNorm2d, "groupnorm": _group_norm}
+LAST_NORM_OF_BLOCK = {BasicBlock: "bn2", Bottleneck: "bn3"}  # the norms timm's `zero_init_last` zeroes
 
 
 def create_resnet(config: SelfieConfig) -> nn.Module:
@@ -96,8 +98,14 @@ def create_resnet(config: SelfieConfig) -> nn.Module:
         # Keep the loaded weights through `post_init`, which initialises every tensor not flagged like this.
         for tensor in itertools.chain(resnet.parameters(), resnet.buffers()):
             tensor._is_hf_initialized = True
+    # timm starts every residual branch as an identity, the scale of its last norm at zero; mark those norms so
+    # that `_init_weights` does the same for the weights it initialises.
+    for block in resnet.modules():
+        if type(block) in LAST_NORM_OF_BLOCK:
+            getattr(block, LAST_NORM_OF_BLOCK[type(block)]).zero_init = True
     if config.stem == "cifar":
-        resnet.conv1 = nn.Conv2d(config.num_channels, resnet.bn1.num_features, 3, stride=1, padding=1, bias=False)
+        stem_channels = resnet.feature_info[0]["num_chs"]
+        resnet.conv1 = nn.Conv2d(config.num_channels, stem_channels, 3, stride=1, padding=1, bias=False)
         resnet.maxpool = nn.Identity()
     return resnet
 
@@ -235,7 +243,7 @@ class SelfiePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
             if module.weight is not None:
-                init.ones_(module.weight)
+                init.constant_(module.weight, 0.0 if getattr(module, "zero_init", False) else 1.0)
                 init.zeros_(module.bias)
             if getattr(module, "running_mean", None) is not None:
                 init.zeros_(module.running_mean)
@@ -244,10 +252,6 @@ class SelfiePreTrainedModel(PreTrainedModel):
         elif isinstance(module, (SelfiePositionEmbeddings, SelfieAttentionPooling)):
             for parameter in module.parameters(recurse=False):
                 init.trunc_normal_(parameter, std=std)
-        # timm's residual blocks start as identities: the last norm of each branch at zero. Children are initialised
-        # first, so this comes after that norm's ones_.
-        if hasattr(module, "zero_init_last"):
-            module.zero_init_last()
 
 
 class SelfieModel(SelfiePreTrainedModel):

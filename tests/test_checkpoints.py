@@ -1,0 +1,241 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import fixed_mask, images, tiny_config
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    pipeline,
+)
+
+from modeling_selfie import (
+    SelfieConfig,
+    SelfieForImageClassification,
+    SelfieForMaskedPatchPrediction,
+    SelfieModel,
+    get_preset,
+)
+
+
+def outputs(model, config):
+    torch.manual_seed(1)
+    pixel_values = images(config)
+    if isinstance(model, SelfieForImageClassification):
+        return model(pixel_values).logits
+    result = model(pixel_values, bool_masked_pos=fixed_mask(config))
+    return result.logits if isinstance(model, SelfieForMaskedPatchPrediction) else result.pooler_output
+
+
+@pytest.mark.parametrize("model_class", [SelfieModel, SelfieForMaskedPatchPrediction, SelfieForImageClassification])
+def test_save_load_round_trip_is_bit_identical(tmp_path, model_class):
+    config = tiny_config(classifier_head="attention_pooling")
+    model = model_class(config).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = model_class.from_pretrained(tmp_path).eval()
+    assert torch.equal(outputs(model, config), outputs(reloaded, config))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def state_dict_under(model, prefix):
+    return {name: tensor for name, tensor in model.state_dict().items() if name.startswith(prefix)}
+
+
+def assert_same_tensors(expected: dict, actual: dict):
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), name
+
+
+def pretrain_a_little(config) -> SelfieForMaskedPatchPrediction:
+    """A pretraining model whose weights (and BatchNorm statistics) have moved away from any initialisation."""
+    model = SelfieForMaskedPatchPrediction(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(images(config, 4)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_pretraining_checkpoint_carries_p_into_the_resnet_classifier(tmp_path):
+    pretrained = pretrain_a_little(tiny_config())
+    pretrained.save_pretrained(tmp_path)
+    classifier, info = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=7, output_loading_info=True)
+
+    assert isinstance(classifier, SelfieForImageClassification)
+    assert classifier.classifier.out_features == 7
+    assert_same_tensors(state_dict_under(pretrained, "selfie.patch_network."), state_dict_under(classifier, "selfie.patch_network."))
+    # Fresh weights are reported the transformers way: stage 4 and the classifier missing, A unused.
+    assert {key.split(".")[0] for key in info["missing_keys"]} == {"stage4", "classifier"}
+    assert {key.split(".")[1] for key in info["unexpected_keys"]} == {"attention_pooling", "position_embeddings"}
+    # Stage 4 starts as timm starts a ResNet stage: the last norm of every residual branch at zero.
+    assert classifier.stage4[0].bn3.weight.abs().sum() == 0
+    assert classifier.stage4[0].conv1.weight.std() > 0
+
+
+def test_pretraining_checkpoint_carries_p_and_a_into_the_attention_pooling_classifier(tmp_path):
+    pretrained = pretrain_a_little(tiny_config())
+    pretrained.save_pretrained(tmp_path)
+    classifier, info = SelfieForImageClassification.from_pretrained(
+        tmp_path, classifier_head="attention_pooling", output_loading_info=True
+    )
+    assert_same_tensors(state_dict_under(pretrained, "selfie."), state_dict_under(classifier, "selfie."))
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    assert not info["unexpected_keys"]
+
+
+def test_checkpoints_move_between_the_base_model_and_the_heads(tmp_path):
+    pretrained = pretrain_a_little(tiny_config())
+    pretrained.save_pretrained(tmp_path / "pretraining")
+    base = AutoModel.from_pretrained(tmp_path / "pretraining")
+    assert type(base) is SelfieModel
+    assert_same_tensors(
+        {name.removeprefix("selfie."): t for name, t in pretrained.state_dict().items()}, base.state_dict()
+    )
+    base.save_pretrained(tmp_path / "base")
+    head = AutoModelForPreTraining.from_pretrained(tmp_path / "base").eval()
+    assert type(head) is SelfieForMaskedPatchPrediction
+    assert torch.equal(outputs(head, pretrained.config), outputs(pretrained.eval(), pretrained.config))
+
+
+def test_auto_classes_resolve_selfie():
+    fields = {key: value for key, value in tiny_config().to_dict().items() if key != "model_type"}
+    config = AutoConfig.for_model("selfie", **fields)
+    assert isinstance(config, SelfieConfig) and config.to_dict() == tiny_config().to_dict()
+    assert type(AutoModel.from_config(config)) is SelfieModel
+    assert type(AutoModelForPreTraining.from_config(config)) is SelfieForMaskedPatchPrediction
+    assert type(AutoModelForImageClassification.from_config(config)) is SelfieForImageClassification
+
+
+def test_saved_directory_holds_safetensors_code_and_auto_map(tmp_path):
+    SelfieForImageClassification(tiny_config()).save_pretrained(tmp_path)
+    names = {path.name for path in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_selfie.py", "modeling_selfie.py"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in names)
+    assert load_file(tmp_path / "model.safetensors")  # readable as plain safetensors
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_selfie.SelfieConfig",
+        "AutoModel": "modeling_selfie.SelfieModel",
+        "AutoModelForPreTraining": "modeling_selfie.SelfieForMaskedPatchPrediction",
+        "AutoModelForImageClassification": "modeling_selfie.SelfieForImageClassification",
+    }
+
+
+def test_trust_remote_code_in_a_fresh_process_offline(tmp_path):
+    config = tiny_config()
+    model = SelfieForMaskedPatchPrediction(config).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    pixel_values, mask = images(config), fixed_mask(config)
+    torch.save({"pixel_values": pixel_values, "mask": mask, "logits": model(pixel_values, bool_masked_pos=mask).logits}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+        checkpoint, io = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+        model = AutoModelForPreTraining.from_pretrained(checkpoint, trust_remote_code=True).eval()
+        logits = model(io["pixel_values"], bool_masked_pos=io["mask"]).logits
+        assert torch.equal(logits, io["logits"]), "remote-code model gives other logits"
+        for auto_class in (AutoModel, AutoModelForImageClassification):
+            loaded = auto_class.from_pretrained(checkpoint, trust_remote_code=True)
+            print(type(loaded).__module__, type(loaded).__name__)
+        assert "modeling_selfie" not in sys.modules, "the installed package was imported"
+        """
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),  # a cold cache: the code must come from the checkpoint
+        "PYTHONPATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "checkpoint"), str(tmp_path / "io.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")
+    assert any(line.startswith("transformers_modules.") and line.endswith(" SelfieModel") for line in lines)
+    assert any(line.endswith(" SelfieForImageClassification") for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_image_classification_pipeline(tmp_path, mode):
+    id2label = {0: "airplane", 1: "bird", 2: "cat"}
+    config = tiny_config(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    model = SelfieForImageClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    processor = get_preset("cifar10").image_processor()
+    processor.save_pretrained(tmp_path)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)).convert(mode)
+    predictions = pipeline("image-classification", model=str(tmp_path))(image)
+
+    inputs = AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        probabilities = model(**inputs).logits.softmax(-1)[0]
+    expected = sorted(((probabilities[i].item(), label) for i, label in id2label.items()), reverse=True)
+    assert [p["label"] for p in predictions] == [label for _, label in expected]
+    assert [p["score"] for p in predictions] == pytest.approx([score for score, _ in expected], abs=1e-5)
+
+
+def test_backbone_pretrained_starts_p_from_timm_weights_and_keeps_them(monkeypatch):
+    # Stands in for timm's download: "pretrained" weights are all 0.5.
+    requested, original = [], timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        requested.append(pretrained)
+        model = original(name, **kwargs)
+        if pretrained:
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.fill_(0.5)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+
+    model = SelfieForImageClassification(tiny_config(backbone_pretrained=True, stem="imagenet"))
+    assert requested == [True, True]  # P, and the ResNet that gives stage 4
+    assert (model.selfie.patch_network.layer1[0].conv1.weight == 0.5).all()
+    assert (model.stage4[0].bn3.weight == 0.5).all()  # not zeroed by the fresh-stage initialisation
+    assert not (model.classifier.weight == 0.5).all()
+
+    cifar = SelfieModel(tiny_config(backbone_pretrained=True, stem="cifar"))
+    assert (cifar.patch_network.layer3[0].conv2.weight == 0.5).all()
+    assert not (cifar.patch_network.conv1.weight == 0.5).all()  # the replaced stem starts fresh
+
+
+def test_from_pretrained_never_downloads_timm_weights(tmp_path, monkeypatch):
+    SelfieModel(tiny_config()).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text().replace('"backbone_pretrained": false', '"backbone_pretrained": true'))
+    original = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        assert not pretrained, "from_pretrained asked timm for its weights"
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    model = SelfieModel.from_pretrained(tmp_path)
+    assert model.config.backbone_pretrained
+    assert_same_tensors(load_file(tmp_path / "model.safetensors"), model.state_dict())

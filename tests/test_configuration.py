@@ -1,0 +1,103 @@
+import json
+
+import pytest
+from conftest import tiny_config
+
+from modeling_selfie import PRESETS, SelfieConfig, get_preset
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("backbone", "vit_base_patch16_224"),
+        ("backbone", "no_such_resnet"),
+        ("backbone_kwargs", ["layers"]),
+        ("stem", "tiny"),
+        ("backbone_norm", "instancenorm"),
+        ("position_embedding_type", "sinusoidal"),
+        ("classifier_head", "mlp"),
+        ("num_channels", 0),
+        ("patch_size", 0),
+        ("patch_size", 5),
+        ("patch_size", 8.0),
+        ("image_size", -32),
+        ("image_size", [32, 32, 32]),
+        ("image_size", "32"),
+        ("hidden_size", 0),
+        ("num_hidden_layers", 0),
+        ("num_attention_heads", 5),
+        ("num_masked_patches", 1),
+        ("num_masked_patches", 16),
+        ("num_masked_patches", 40),
+        ("num_masked_patches", True),
+        ("hidden_dropout_prob", 1.0),
+        ("attention_probs_dropout_prob", -0.1),
+        ("classifier_dropout_prob", "0.1"),
+        ("mlp_ratio", 0),
+        ("layer_norm_eps", 0),
+        ("initializer_range", -1.0),
+        ("score_temperature", 0.0),
+    ],
+)
+def test_bad_field_raises_value_error_naming_it(field, value):
+    with pytest.raises(ValueError, match=rf"^SelfieConfig\.{field}="):
+        tiny_config(**{field: value})
+
+
+def test_pretrained_backbone_needs_batchnorm():
+    with pytest.raises(ValueError, match=r"SelfieConfig\.backbone_pretrained=.*batchnorm"):
+        tiny_config(backbone_pretrained=True, backbone_norm="layernorm")
+
+
+def test_default_is_the_papers_imagenet_224_setting():
+    config = SelfieConfig()
+    assert (config.backbone, config.stem, config.image_size, config.patch_size) == ("resnet50", "imagenet", 224, 32)
+    assert config.grid_size == (7, 7)
+    assert config.num_masked_patches == 12  # a quarter of 49
+    assert config.attention_temperature == pytest.approx(32.0)  # sqrt(1024)
+
+
+def test_non_square_grid_and_default_mask_count():
+    config = tiny_config(image_size=[32, 64], num_masked_patches=None)
+    assert config.grid_size == (4, 8)
+    assert config.num_patches == 32
+    assert config.num_masked_patches == 8
+
+
+def test_presets():
+    cifar = SelfieConfig.from_preset("cifar10", num_labels=10)
+    assert (cifar.image_size, cifar.patch_size, cifar.stem, cifar.num_masked_patches) == (32, 8, "cifar", 4)
+    assert cifar.num_labels == 10
+    imagenet = SelfieConfig.from_preset("imagenet224")
+    assert (imagenet.grid_size, imagenet.stem, imagenet.num_masked_patches) == ((7, 7), "imagenet", 12)
+    assert SelfieConfig.from_preset("imagenet32").grid_size == (4, 4)
+    with pytest.raises(ValueError, match="Unknown Selfie preset 'cifar100'"):
+        get_preset("cifar100")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_image_processor_matches_its_config(name):
+    preset = get_preset(name)
+    processor = preset.image_processor()
+    config = preset.config()
+    assert processor.crop_size == {"height": config.image_size, "width": config.image_size}
+    assert processor.size["shortest_edge"] >= config.image_size
+    assert list(processor.image_mean) == list(preset.image_mean)
+
+
+def test_json_round_trip(tmp_path):
+    config = tiny_config(image_size=[32, 64], score_temperature=1.0, classifier_head="attention_pooling")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "selfie"
+    reloaded = SelfieConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert reloaded.grid_size == (4, 8)
+
+
+def test_corrupt_saved_config_is_rejected_on_load(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text().replace('"patch_size": 8', '"patch_size": 7'))
+    with pytest.raises(ValueError, match=r"SelfieConfig\.patch_size=7 must divide image_size 32"):
+        SelfieConfig.from_pretrained(tmp_path)
