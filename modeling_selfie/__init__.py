@@ -7,7 +7,7 @@ package is not installed.
 
 import transformers
 
-from .configuration_selfie import PRESETS, SelfieConfig, SelfiePreset, get_preset
+from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, SelfieConfig, SelfiePreset, get_preset
 from .modeling_selfie import (
     AUTO_CLASSES,
     SelfieForImageClassification,
@@ -25,6 +25,7 @@ for model_class, auto_class in AUTO_CLASSES:
     model_class.register_for_auto_class(auto_class)
 
 __all__ = [
+    "CLASSIFIER_HEADS",
     "PRESETS",
     "SelfieConfig",
     "SelfieForImageClassification",

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import is_model_in_modules
 from transformers import BitImageProcessor, PreTrainedConfig
+from transformers.image_utils import PILImageResampling
 
 
 STEMS = ("imagenet", "cifar")
@@ -245,6 +246,7 @@ class SelfiePreset:
     def image_processor(self, **kwargs) -> BitImageProcessor:
         """The evaluation pipeline: to RGB, resize the shortest edge, centre crop, rescale to [0, 1], normalise."""
         settings = {
+            "resample": PILImageResampling.BILINEAR,  # as the training scripts' torchvision transforms
             "size": {"shortest_edge": self.resize_shortest_edge},
             "crop_size": {"height": self.image_size, "width": self.image_size},
             "image_mean": list(self.image_mean),

@@ -306,7 +306,6 @@ class SelfieModel(SelfiePreTrainedModel):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> SelfieModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -365,7 +364,6 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.BoolTensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> SelfieForMaskedPatchPredictionOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -424,7 +422,6 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
-        **kwargs,
     ) -> ImageClassifierOutputWithNoAttention:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Pretrain Selfie on (unlabelled) images with the transformers `Trainer`.
+
+    python run_pretraining.py --dataset_name uoft-cs/cifar10 --output_dir outputs/selfie-cifar10 --do_train --do_eval \\
+        --per_device_train_batch_size 512 --learning_rate 1e-3 --weight_decay 0.05 --num_train_epochs 30
+
+Runs as it is with `python` or with `accelerate launch`; `python run_pretraining.py --help` lists the flags
+(all of `TrainingArguments` too), and a single JSON file of them works as well. With no dataset, it pretrains on
+scikit-learn's handwritten digits.
+"""
+
+import logging
+
+from transformers import TrainingArguments, set_seed
+
+from modeling_selfie import SelfieForMaskedPatchPrediction
+from selfie_training.data import (
+    DIGITS,
+    DataArguments,
+    MaskedPatchCollator,
+    choose_preset,
+    find_image_column,
+    image_transform,
+    load_splits,
+    with_image_transform,
+)
+from selfie_training.metrics import candidate_hits, compute_candidate_accuracy
+from selfie_training.runner import (
+    ModelArguments,
+    build_config,
+    find_last_checkpoint,
+    load_image_processor,
+    parse_arguments,
+    setup,
+    train_and_evaluate,
+)
+from selfie_training.trainer import PretrainingTrainer
+
+
+logger = logging.getLogger(__name__)
+
+
+def main(args: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), args)
+    setup(training_args)
+    # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
+    # the metrics, and compute the evaluation loss, as it does for labels.
+    training_args.label_names = ["bool_masked_pos"]
+    checkpoint = find_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    splits = load_splits(data_args, training_args.seed)
+    image_column = find_image_column(splits["train"], data_args.image_column_name)
+    preset = choose_preset(data_args, splits["train"], image_column)
+    config = build_config(model_args, preset)
+    if model_args.model_name_or_path is not None:
+        model = SelfieForMaskedPatchPrediction.from_pretrained(model_args.model_name_or_path, config=config)
+    else:
+        model = SelfieForMaskedPatchPrediction(config)
+    image_processor = load_image_processor(model_args, preset)
+
+    train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    trainer = PretrainingTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=with_image_transform(splits["train"], train_transform, image_column),
+        eval_dataset=with_image_transform(splits["validation"], image_transform(image_processor, train=False), image_column),
+        data_collator=MaskedPatchCollator(config.num_patches, config.num_masked_patches),
+        compute_metrics=compute_candidate_accuracy,
+        preprocess_logits_for_metrics=candidate_hits,
+        card={
+            "task": "pretraining",
+            "dataset": data_args.dataset_name or data_args.train_dir or DIGITS,
+            "dataset_description": (
+                f"Images of {data_args.dataset_name or data_args.train_dir or DIGITS}, labels unused; "
+                f"{config.num_masked_patches} of {config.num_patches} patches hidden in every image."
+            ),
+        },
+    )
+    return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Selfie against training from scratch, over label fractions and seeds: the paper's low-label comparison.
+
+    python run_sweep.py configs/digits.json
+
+The JSON file names an `output_dir`, the `label_fractions` and `seeds`, and the flags of the runs: `data` for
+every run, `pretraining` for run_pretraining.py (skipped when `pretrained_model` names a checkpoint), and
+`finetuning` for run_image_classification.py. For every fraction and seed, both methods fine-tune on the same
+class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint, "scratch" from fresh
+weights of the same architecture. A rerun skips the runs that have finished.
+
+Writes `results.json`, `results.md` (mean +- std of the validation accuracy, and the difference) and
+`results.png` into `output_dir`, puts the table into the model cards of the pretrained checkpoint and of the
+Selfie-fine-tuned models, and prints it.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import matplotlib
+import numpy as np
+
+import run_image_classification
+import run_pretraining
+from selfie_training.model_card import set_comparison
+
+
+matplotlib.use("Agg")  # files only, no display
+from matplotlib import pyplot  # noqa: E402
+
+
+METHODS = ("scratch", "selfie")
+
+
+@dataclass
+class Sweep:
+    output_dir: str
+    label_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data: dict = field(default_factory=dict)
+    pretraining: dict = field(default_factory=dict)
+    finetuning: dict = field(default_factory=dict)
+    pretrained_model: str | None = None
+
+    @classmethod
+    def from_json(cls, path: str) -> "Sweep":
+        with open(path) as file:
+            settings = json.load(file)
+        unknown = set(settings) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}.")
+        return cls(**settings)
+
+
+def flags(settings: dict) -> list[str]:
+    """`{"num_train_epochs": 3, "do_train": True, "seeds": [0, 1]}` -> `["--num_train_epochs", "3", ...]`."""
+    result = []
+    for name, value in settings.items():
+        values = value if isinstance(value, list) else [value]
+        result += [f"--{name}", *map(str, values)]
+    return result
+
+
+def pretrain(sweep: Sweep) -> str:
+    if sweep.pretrained_model is not None:
+        return sweep.pretrained_model
+    output_dir = os.path.join(sweep.output_dir, "pretraining")
+    if not os.path.exists(os.path.join(output_dir, "all_results.json")):
+        run_pretraining.main(flags({**sweep.data, **sweep.pretraining, "output_dir": output_dir, "do_train": True, "do_eval": True}))
+    return output_dir
+
+
+def fine_tune(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> float:
+    """The validation accuracy of one fine-tuning run (read back if it has finished before)."""
+    output_dir = run_directory(sweep, method, fraction, seed)
+    results_file = os.path.join(output_dir, "all_results.json")
+    if not os.path.exists(results_file):
+        settings = {
+            **sweep.data,
+            **sweep.finetuning,
+            "output_dir": output_dir,
+            "seed": seed,
+            "label_seed": seed,
+            "do_train": True,
+            "do_eval": True,
+            # The same architecture either way: the checkpoint's weights, or only its config.
+            ("model_name_or_path" if method == "selfie" else "config_name"): pretrained,
+        }
+        if fraction < 1:
+            settings["label_fraction"] = fraction
+        run_image_classification.main(flags(settings))
+    with open(results_file) as file:
+        return json.load(file)["eval_accuracy"]
+
+
+def run_directory(sweep: Sweep, method: str, fraction: float, seed: int) -> str:
+    return os.path.join(sweep.output_dir, "finetuning", f"{method}-{fraction:g}-seed{seed}")
+
+
+def summarise(accuracies: dict) -> list[dict]:
+    """Mean and sample standard deviation (in %) of each method at each fraction, and Selfie's gain."""
+    rows = []
+    for fraction, by_method in accuracies.items():
+        row = {"label_fraction": fraction}
+        for method, values in by_method.items():
+            percent = 100 * np.asarray(values)
+            row[method] = {
+                "mean": float(percent.mean()),
+                "std": float(percent.std(ddof=1)) if len(percent) > 1 else 0.0,
+                "runs": [float(v) for v in percent],
+            }
+        row["delta"] = row["selfie"]["mean"] - row["scratch"]["mean"]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| labelled | supervised (scratch) | Selfie | delta |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in METHODS]
+        lines.append(f"| {row['label_fraction']:.0%} | {cells[0]} | {cells[1]} | {row['delta']:+.1f} |")
+    runs = len(rows[0]["selfie"]["runs"])
+    return "\n".join(lines) + f"\n\nTop-1 validation accuracy (%), mean ± std over {runs} seeds."
+
+
+def plot(rows: list[dict], path: str):
+    figure, axes = pyplot.subplots(figsize=(5, 3.5))
+    fractions = [100 * row["label_fraction"] for row in rows]
+    for method, label in (("scratch", "supervised (scratch)"), ("selfie", "Selfie pretrained")):
+        means = [row[method]["mean"] for row in rows]
+        stds = [row[method]["std"] for row in rows]
+        axes.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=label)
+    axes.set_xscale("log")
+    axes.set_xticks(fractions, [f"{f:g}%" for f in fractions])
+    axes.minorticks_off()
+    axes.set_xlabel("labelled share of the training set")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    pyplot.close(figure)
+
+
+def main(args: list[str] | None = None) -> list[dict]:
+    args = sys.argv[1:] if args is None else args
+    if len(args) != 1:
+        raise SystemExit("usage: python run_sweep.py SWEEP.json")
+    sweep = Sweep.from_json(args[0])
+    pretrained = pretrain(sweep)
+    accuracies = {
+        fraction: {method: [fine_tune(sweep, pretrained, method, fraction, seed) for seed in sweep.seeds] for method in METHODS}
+        for fraction in sweep.label_fractions
+    }
+    rows = summarise(accuracies)
+    table = markdown_table(rows)
+    with open(os.path.join(sweep.output_dir, "results.json"), "w") as file:
+        json.dump({"pretrained_model": pretrained, "seeds": sweep.seeds, "results": rows}, file, indent=2)
+    with open(os.path.join(sweep.output_dir, "results.md"), "w") as file:
+        file.write(table + "\n")
+    plot(rows, os.path.join(sweep.output_dir, "results.png"))
+    cards = [os.path.join(pretrained, "README.md")] + [
+        os.path.join(run_directory(sweep, "selfie", fraction, seed), "README.md")
+        for fraction in sweep.label_fractions
+        for seed in sweep.seeds
+    ]
+    for card in filter(os.path.exists, cards):
+        set_comparison(card, table)
+    print(f"\n{table}\n\nWritten to {sweep.output_dir}: results.json, results.md, results.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

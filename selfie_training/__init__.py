@@ -1,0 +1,1 @@
+"""Data, metrics, model cards and Trainer pieces shared by the Selfie training scripts."""

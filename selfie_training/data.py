@@ -1,0 +1,266 @@
+"""Data for the Selfie scripts: loading, columns, labelled subsets, image transforms and collators."""
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, load_dataset
+from datasets import Image as ImageFeature
+from PIL import Image
+from torchvision.transforms import v2
+from transformers import BitImageProcessor
+
+from modeling_selfie import PRESETS, random_patch_mask
+
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img")
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+DIGITS = "sklearn-digits"  # the embedded default dataset
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset on the Hugging Face Hub (e.g. uoft-cs/cifar10) or a local folder of images "
+            "(imagefolder) or of parquet/arrow files. Default: scikit-learn's handwritten digits, embedded."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder of training images or files."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A local folder of validation images or files."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": f"The image column. Default: the first of {IMAGE_COLUMNS} or of Image type."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": f"The label column. Default: the first of {LABEL_COLUMNS}."}
+    )
+    train_val_split: float = field(
+        default=0.1, metadata={"help": "Share of train held out for validation where the dataset has no such split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use at most this many validation images. With --streaming and no validation split, this many "
+            "(default 1000) are held out from the start of train."
+        },
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it whole."})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image size, patch grid, stem and normalisation of one of the paper's settings. Default: "
+            "cifar10 for CIFAR datasets, else imagenet32 for images up to 64 pixels, else imagenet224.",
+            "choices": list(PRESETS),
+        },
+    )
+    channel_drop_prob: float = field(
+        default=0.0,
+        metadata={"help": "CPC v2's colour augmentation: with this probability keep one random colour channel."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded datasets."})
+
+
+def load_splits(args: DataArguments, seed: int) -> dict:
+    """The `train` and `validation` splits the arguments name; validation carved from train (seeded) if absent."""
+    if args.dataset_name is not None:
+        splits = dict(load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming))
+    elif args.train_dir is not None:
+        splits = {"train": _load_folder(args.train_dir, args)}
+        if args.validation_dir is not None:
+            splits["validation"] = _load_folder(args.validation_dir, args)
+    else:
+        logger.info("No dataset given: using scikit-learn's handwritten digits (1,797 images, 10 classes).")
+        splits = dict(digits_dataset())
+    if "train" not in splits:
+        raise ValueError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
+    train = splits["train"]
+    validation = splits.get("validation", splits.get("test"))
+    if validation is None:
+        train, validation = _hold_out(train, args, seed)
+    return {
+        "train": _limit(train, args.max_train_samples, seed),
+        "validation": _limit(validation, args.max_eval_samples, seed),
+    }
+
+
+def _load_folder(path: str, args: DataArguments):
+    # `load_dataset` on a folder picks the builder from its files: imagefolder, parquet, arrow, ...
+    return load_dataset(path, split="train", cache_dir=args.cache_dir, streaming=args.streaming)
+
+
+def _hold_out(train, args: DataArguments, seed: int):
+    if isinstance(train, IterableDataset):
+        size = args.max_eval_samples or 1000
+        return train.skip(size), train.take(size)
+    label_column = find_label_column(train, args.label_column_name, required=False)
+    stratify = label_column if isinstance(train.features.get(label_column), ClassLabel) else None
+    split = train.train_test_split(test_size=args.train_val_split, seed=seed, stratify_by_column=stratify)
+    return split["train"], split["test"]
+
+
+def _limit(dataset, max_samples: int | None, seed: int):
+    if max_samples is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return dataset.take(max_samples)
+    return dataset.shuffle(seed=seed).select(range(min(max_samples, len(dataset))))
+
+
+def digits_dataset() -> DatasetDict:
+    """scikit-learn's 1,797 handwritten digits as 32x32 RGB images: a small real dataset that works offline."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [
+        Image.fromarray(np.uint8(pixels * 255 / 16)).resize((32, 32), Image.Resampling.BILINEAR).convert("RGB")
+        for pixels in digits.images
+    ]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    return DatasetDict({"train": Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)})
+
+
+def _column_names(dataset) -> list[str]:
+    return list(dataset.features) if dataset.features is not None else list(dataset.column_names or [])
+
+
+def find_image_column(dataset, given: str | None = None) -> str:
+    columns = _column_names(dataset)
+    if given is not None:
+        _check_column(given, columns, "--image_column_name")
+        return given
+    of_image_type = [name for name in columns if isinstance((dataset.features or {}).get(name), ImageFeature)]
+    for name in [*IMAGE_COLUMNS, *of_image_type]:
+        if name in columns:
+            return name
+    raise ValueError(f"No image column found among the dataset's columns {columns}; name it with --image_column_name.")
+
+
+def find_label_column(dataset, given: str | None = None, required: bool = True) -> str | None:
+    columns = _column_names(dataset)
+    if given is not None:
+        _check_column(given, columns, "--label_column_name")
+        return given
+    for name in LABEL_COLUMNS:
+        if name in columns:
+            return name
+    if required:
+        raise ValueError(f"No label column found among the dataset's columns {columns}; name it with --label_column_name.")
+    return None
+
+
+def _check_column(name: str, columns: list[str], flag: str):
+    if name not in columns:
+        raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {columns}.")
+
+
+def class_names(dataset, label_column: str) -> tuple:
+    """The dataset with its label column as a `ClassLabel`, and the class names."""
+    feature = dataset.features.get(label_column) if dataset.features else None
+    if not isinstance(feature, ClassLabel):
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
+        dataset = dataset.class_encode_column(label_column)
+        feature = dataset.features[label_column]
+    return dataset, list(feature.names)
+
+
+def labelled_subset(dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None) -> Dataset:
+    """A class-balanced subset: `round(fraction * n_c)` or `per_class` images of every class c, drawn with `seed`
+    alone, so that every method and training seed sees the same labelled images."""
+    labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
+    generator = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = per_class if per_class is not None else round(fraction * len(members))
+        flag = f"--labels_per_class {per_class}" if per_class is not None else f"--label_fraction {fraction}"
+        if not 1 <= count <= len(members):
+            raise ValueError(f"{flag} asks for {count} images of class {label} but it has {len(members)}.")
+        chosen.append(generator.choice(members, size=count, replace=False))
+    return dataset.select(np.sort(np.concatenate(chosen)))
+
+
+class KeepOneChannel(torch.nn.Module):
+    """CPC v2's colour augmentation: with probability `p`, keep one of the colour channels at random and set the
+    others to zero (their mean, after normalisation)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return image
+        keep = torch.randint(image.shape[0], ())
+        return image * (torch.arange(image.shape[0]) == keep).view(-1, 1, 1)
+
+
+def image_transform(processor: BitImageProcessor, train: bool, channel_drop_prob: float = 0.0) -> v2.Compose:
+    """RGB PIL image -> normalised tensor, with the sizes and normalisation of the model's image processor.
+    Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above.
+    Evaluation: resize the shortest edge and centre crop, as the image processor does for inference."""
+    size = (processor.crop_size["height"], processor.crop_size["width"])
+    if not train:
+        steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size)]
+    elif max(size) <= 64:
+        steps = [v2.Resize(min(size)), v2.RandomCrop(size, padding=min(size) // 8, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
+    if train and channel_drop_prob > 0:
+        steps.append(KeepOneChannel(channel_drop_prob))
+    return v2.Compose(steps)
+
+
+def with_image_transform(dataset, transform, image_column: str, label_column: str | None = None):
+    """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read."""
+
+    def transform_batch(batch: dict) -> dict:
+        result = {"pixel_values": [transform(image.convert("RGB")) for image in batch[image_column]]}
+        if label_column is not None:
+            result["labels"] = batch[label_column]
+        return result
+
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(transform_batch, batched=True, remove_columns=_column_names(dataset))
+    return dataset.with_transform(transform_batch)
+
+
+def collate_images(examples: list[dict]) -> dict:
+    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([example["labels"] for example in examples])
+    return batch
+
+
+@dataclass
+class MaskedPatchCollator:
+    """Batches images and draws a fresh mask for every image from torch's random generator, which `Trainer` seeds
+    (and which the DataLoader seeds in each worker from it), so the masks are reproducible from `--seed`."""
+
+    num_patches: int
+    num_masked_patches: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = collate_images(examples)
+        batch["bool_masked_pos"] = random_patch_mask(len(examples), self.num_patches, self.num_masked_patches)
+        return batch
+
+
+def choose_preset(args: DataArguments, train, image_column: str) -> str:
+    """--preset, or the obvious one: cifar10 for CIFAR datasets, else by the size of the first training image."""
+    if args.preset is not None:
+        return args.preset
+    if "cifar" in (args.dataset_name or "").lower():
+        name = "cifar10"
+    else:
+        width, height = next(iter(train))[image_column].size
+        name = "imagenet32" if max(width, height) <= 64 else "imagenet224"
+    logger.info("Using the %s preset (choose another with --preset).", name)
+    return name

@@ -1,0 +1,53 @@
+"""Accuracy through `evaluate`, offline: `evaluate.load("accuracy")` fetches its script from the Hub at run time,
+so the metric is defined here as an `evaluate.Metric` and needs no network."""
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+
+
+class TopKAccuracy(evaluate.Metric):
+    """Accuracy, and top-k accuracy, from the k highest-scored classes of every example (best first)."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Share of examples whose highest-scored class (or one of the k highest) is the label.",
+            citation="",
+            inputs_description="predictions: the k highest-scored class ids of each example, best first; "
+            "references: the label of each example.",
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("int64")), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references) -> dict:
+        hits = np.asarray(predictions) == np.asarray(references)[:, None]
+        result = {"accuracy": float(hits[:, 0].mean())}
+        if hits.shape[1] > 1:
+            result[f"top{hits.shape[1]}_accuracy"] = float(hits.any(axis=1).mean())
+        return result
+
+
+def top_classes(logits: torch.Tensor, labels) -> torch.Tensor:
+    """`preprocess_logits_for_metrics` for classifiers: keep the 5 best classes (1 where there are 5 or fewer), so
+    that evaluation gathers 5 ids an image instead of every logit."""
+    k = 5 if logits.shape[-1] > 5 else 1
+    return logits.topk(k, dim=-1).indices
+
+
+def compute_accuracy(eval_prediction) -> dict:
+    metric = TopKAccuracy(keep_in_memory=True)
+    return metric.compute(predictions=eval_prediction.predictions, references=eval_prediction.label_ids)
+
+
+def candidate_hits(outputs, masks) -> torch.Tensor:
+    """`preprocess_logits_for_metrics` for pretraining: each image's share of hidden positions whose own patch got
+    the highest score."""
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
+    targets = torch.arange(logits.shape[-1], device=logits.device)
+    return (logits.argmax(dim=-1) == targets).float().mean(dim=-1)
+
+
+def compute_candidate_accuracy(eval_prediction) -> dict:
+    return {"candidate_accuracy": float(np.mean(eval_prediction.predictions))}
