@@ -12,6 +12,7 @@ so every method sees the same images. Runs with `python` or `accelerate launch`;
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
@@ -26,12 +27,13 @@ from selfie_training.data import (
     find_image_column,
     find_label_column,
     image_transform,
-    labelled_subset,
+    labelled_indices,
     load_splits,
     with_image_transform,
 )
 from selfie_training.metrics import compute_accuracy, top_classes
 from selfie_training.runner import (
+    save_json,
     ModelArguments,
     build_config,
     find_last_checkpoint,
@@ -81,20 +83,24 @@ def main(args: list[str] | None = None) -> dict:
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    splits = load_splits(data_args, training_args.seed)
+    splits = load_splits(data_args)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     label_column = find_label_column(splits["train"], data_args.label_column_name)
     train, names = class_names(splits["train"], label_column)
     validation, _ = class_names(splits["validation"], label_column)
     if finetuning_args.label_fraction is not None or finetuning_args.labels_per_class is not None:
-        train = labelled_subset(
+        indices = labelled_indices(
             train,
             label_column,
             finetuning_args.label_seed,
             fraction=finetuning_args.label_fraction,
             per_class=finetuning_args.labels_per_class,
         )
+        train = train.select(indices)
         logger.info("Labelled subset: %d images (label seed %d).", len(train), finetuning_args.label_seed)
+        if training_args.should_save:
+            subset = {"label_seed": finetuning_args.label_seed, "train_indices": indices}
+            save_json(os.path.join(training_args.output_dir, "labelled_subset.json"), subset)
 
     preset = choose_preset(data_args, splits["train"], image_column)
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}

@@ -49,7 +49,7 @@ def main(args: list[str] | None = None) -> dict:
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    splits = load_splits(data_args, training_args.seed)
+    splits = load_splits(data_args)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)

@@ -63,11 +63,18 @@ class DataArguments:
         default=0.0,
         metadata={"help": "CPC v2's colour augmentation: with this probability keep one random colour channel."},
     )
+    split_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the validation split carved from train and of --max_*_samples; apart from --seed, so "
+            "that runs with different training seeds see the same images."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded datasets."})
 
 
-def load_splits(args: DataArguments, seed: int) -> dict:
-    """The `train` and `validation` splits the arguments name; validation carved from train (seeded) if absent."""
+def load_splits(args: DataArguments) -> dict:
+    """The `train` and `validation` splits the arguments name; validation carved from train if absent."""
     if args.dataset_name is not None:
         splits = dict(load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming))
     elif args.train_dir is not None:
@@ -82,10 +89,10 @@ def load_splits(args: DataArguments, seed: int) -> dict:
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
     if validation is None:
-        train, validation = _hold_out(train, args, seed)
+        train, validation = _hold_out(train, args)
     return {
-        "train": _limit(train, args.max_train_samples, seed),
-        "validation": _limit(validation, args.max_eval_samples, seed),
+        "train": _limit(train, args.max_train_samples, args.split_seed),
+        "validation": _limit(validation, args.max_eval_samples, args.split_seed),
     }
 
 
@@ -94,13 +101,13 @@ def _load_folder(path: str, args: DataArguments):
     return load_dataset(path, split="train", cache_dir=args.cache_dir, streaming=args.streaming)
 
 
-def _hold_out(train, args: DataArguments, seed: int):
+def _hold_out(train, args: DataArguments):
     if isinstance(train, IterableDataset):
         size = args.max_eval_samples or 1000
         return train.skip(size), train.take(size)
     label_column = find_label_column(train, args.label_column_name, required=False)
     stratify = label_column if isinstance(train.features.get(label_column), ClassLabel) else None
-    split = train.train_test_split(test_size=args.train_val_split, seed=seed, stratify_by_column=stratify)
+    split = train.train_test_split(test_size=args.train_val_split, seed=args.split_seed, stratify_by_column=stratify)
     return split["train"], split["test"]
 
 
@@ -170,9 +177,9 @@ def class_names(dataset, label_column: str) -> tuple:
     return dataset, list(feature.names)
 
 
-def labelled_subset(dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None) -> Dataset:
-    """A class-balanced subset: `round(fraction * n_c)` or `per_class` images of every class c, drawn with `seed`
-    alone, so that every method and training seed sees the same labelled images."""
+def labelled_indices(dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None) -> list[int]:
+    """A class-balanced subset, as sorted row indices: `round(fraction * n_c)` or `per_class` images of every class
+    c, drawn with `seed` alone, so that every method and training seed sees the same labelled images."""
     labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
     generator = np.random.default_rng(seed)
     chosen = []
@@ -183,7 +190,7 @@ def labelled_subset(dataset: Dataset, label_column: str, seed: int, fraction: fl
         if not 1 <= count <= len(members):
             raise ValueError(f"{flag} asks for {count} images of class {label} but it has {len(members)}.")
         chosen.append(generator.choice(members, size=count, replace=False))
-    return dataset.select(np.sort(np.concatenate(chosen)))
+    return sorted(np.concatenate(chosen).tolist())
 
 
 class KeepOneChannel(torch.nn.Module):

@@ -133,3 +133,9 @@ def train_and_evaluate(trainer, training_args: TrainingArguments, image_processo
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics
+
+
+def save_json(path: str, content: dict):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(content, file, indent=2)
