@@ -260,7 +260,7 @@ class SelfieModel(SelfiePreTrainedModel):
     network A that summarises the visible patches into u.
 
     With `add_attention_pooling=False` (used by the plain-ResNet classifier) the model holds P alone and returns
-    only `patch_embeddings`.
+    only `patch_embeddings`, P's own vectors (no projection to `hidden_size`).
 
     A note on `backbone_norm="batchnorm"`: in training mode, BatchNorm normalises each layer over the whole batch of
     patches, visible and hidden alike, so the summary u depends slightly on the hidden patches' pixels. In eval mode,
@@ -271,9 +271,10 @@ class SelfieModel(SelfiePreTrainedModel):
         super().__init__(config)
         self.patch_network = create_patch_network(config)
         patch_features = self.patch_network.num_features
-        self.patch_projection = (
-            nn.Identity() if patch_features == config.hidden_size else nn.Linear(patch_features, config.hidden_size)
-        )
+        if add_attention_pooling and patch_features != config.hidden_size:
+            self.patch_projection = nn.Linear(patch_features, config.hidden_size)  # into A's width
+        else:
+            self.patch_projection = nn.Identity()
         self.position_embeddings = SelfiePositionEmbeddings(config) if add_attention_pooling else None
         self.attention_pooling = SelfieAttentionPooling(config) if add_attention_pooling else None
         self.post_init()

@@ -1,6 +1,7 @@
 """Data for the Selfie scripts: loading, columns, labelled subsets, image transforms and collators."""
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,7 +107,10 @@ def _hold_out(train, args: DataArguments):
         size = args.max_eval_samples or 1000
         return train.skip(size), train.take(size)
     label_column = find_label_column(train, args.label_column_name, required=False)
-    stratify = label_column if isinstance(train.features.get(label_column), ClassLabel) else None
+    classes = train.features.get(label_column)
+    # Stratified where the held-out share can hold every class (datasets rounds it up).
+    held_out = math.ceil(args.train_val_split * len(train))
+    stratify = label_column if isinstance(classes, ClassLabel) and held_out >= classes.num_classes else None
     split = train.train_test_split(test_size=args.train_val_split, seed=args.split_seed, stratify_by_column=stratify)
     return split["train"], split["test"]
 

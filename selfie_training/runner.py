@@ -65,6 +65,8 @@ def setup(training_args: TrainingArguments):
     transformers.utils.logging.enable_explicit_format()
     # The datasets are transformed lazily into `pixel_values`: the Trainer must not drop their raw columns.
     training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False  # every Selfie model uses all of its parameters
     logger.info("Training arguments: %s", training_args)
 
 

@@ -1,5 +1,11 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
+from PIL import Image
 
 from modeling_selfie import SelfieConfig, random_patch_mask
 
@@ -38,3 +44,44 @@ def fixed_mask(config: SelfieConfig, batch_size: int = 2) -> torch.BoolTensor:
     """A mask with different hidden positions in every row, none of them sorted alike."""
     generator = torch.Generator().manual_seed(1)
     return random_patch_mask(batch_size, config.num_patches, config.num_masked_patches, generator=generator)
+
+
+# Settings that make the training scripts' models tiny, as a dict (for JSON) and as flags.
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "backbone_kwargs": '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}',
+    "config_overrides": "hidden_size=32,num_attention_heads=4,num_hidden_layers=1",
+}
+TINY_MODEL_FLAGS = [item for name, value in TINY_MODEL.items() for item in (f"--{name}", value)]
+QUIET_FLAGS = ["--report_to", "none", "--disable_tqdm", "True", "--per_device_eval_batch_size", "16"]
+
+
+def class_images(num_classes: int, per_class: int, size=(40, 36), seed: int = 0):
+    """Images whose colour says their class (so that a classifier can learn it), with a little noise."""
+    generator = np.random.default_rng(seed)
+    for label in range(num_classes):
+        colour = np.array([255 * (label % 2), 255 * ((label // 2) % 2), 128], dtype=float)
+        for _ in range(per_class):
+            pixels = np.clip(colour + generator.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            yield Image.fromarray(pixels), label
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """An imagefolder of 3 classes x 12 PNGs, in class subfolders."""
+    root = tmp_path / "imagefolder"
+    for index, (image, label) in enumerate(class_images(3, 12)):
+        (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
+        image.save(root / f"class_{label}" / f"{index}.png")
+    return root
+
+
+@pytest.fixture
+def parquet_folder(tmp_path) -> Path:
+    """A parquet file with an `img` Image column and a `label` ClassLabel column, as the Hub's CIFAR-10 has."""
+    images, labels = zip(*class_images(6, 8, size=(32, 32)))
+    features = Features({"img": ImageFeature(), "label": ClassLabel(names=[f"c{i}" for i in range(6)])})
+    root = tmp_path / "parquet"
+    root.mkdir()
+    Dataset.from_dict({"img": list(images), "label": list(labels)}, features=features).to_parquet(root / "train.parquet")
+    return root

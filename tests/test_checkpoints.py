@@ -81,7 +81,7 @@ def test_pretraining_checkpoint_carries_p_into_the_resnet_classifier(tmp_path):
     assert_same_tensors(state_dict_under(pretrained, "selfie.patch_network."), state_dict_under(classifier, "selfie.patch_network."))
     # Fresh weights are reported the transformers way: stage 4 and the classifier missing, A unused.
     assert {key.split(".")[0] for key in info["missing_keys"]} == {"stage4", "classifier"}
-    assert {key.split(".")[1] for key in info["unexpected_keys"]} == {"attention_pooling", "position_embeddings"}
+    assert {key.split(".")[1] for key in info["unexpected_keys"]} == {"attention_pooling", "position_embeddings", "patch_projection"}
     # Stage 4 starts as timm starts a ResNet stage: the last norm of every residual branch at zero.
     assert classifier.stage4[0].bn3.weight.abs().sum() == 0
     assert classifier.stage4[0].conv1.weight.std() > 0

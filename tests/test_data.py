@@ -1,0 +1,206 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from modeling_selfie import get_preset
+from selfie_training.data import (
+    DataArguments,
+    KeepOneChannel,
+    MaskedPatchCollator,
+    choose_preset,
+    class_names,
+    digits_dataset,
+    find_image_column,
+    find_label_column,
+    image_transform,
+    labelled_indices,
+    load_splits,
+    with_image_transform,
+)
+from selfie_training.metrics import TopKAccuracy, candidate_hits, top_classes
+
+
+def labelled_dataset(counts: dict[int, int]) -> Dataset:
+    labels = [label for label, count in counts.items() for _ in range(count)]
+    np.random.default_rng(0).shuffle(labels)
+    features = Features({"label": ClassLabel(num_classes=len(counts)), "id": Value("int64")})
+    return Dataset.from_dict({"label": labels, "id": list(range(len(labels)))}, features=features)
+
+
+def class_counts(dataset: Dataset, indices: list[int]) -> dict[int, int]:
+    labels = dataset.select(indices)["label"]
+    return {label: labels.count(label) for label in sorted(set(labels))}
+
+
+def test_label_fraction_takes_that_share_of_every_class():
+    dataset = labelled_dataset({0: 20, 1: 40, 2: 60})
+    assert class_counts(dataset, labelled_indices(dataset, "label", seed=0, fraction=0.1)) == {0: 2, 1: 4, 2: 6}
+    assert class_counts(dataset, labelled_indices(dataset, "label", seed=0, fraction=0.25)) == {0: 5, 1: 10, 2: 15}
+
+
+def test_labels_per_class_takes_that_many_of_every_class():
+    dataset = labelled_dataset({0: 20, 1: 40, 2: 60})
+    indices = labelled_indices(dataset, "label", seed=3, per_class=7)
+    assert class_counts(dataset, indices) == {0: 7, 1: 7, 2: 7}
+    assert indices == sorted(set(indices))
+
+
+def test_labelled_subset_depends_on_its_seed_alone():
+    dataset = labelled_dataset({0: 50, 1: 50})
+    first = labelled_indices(dataset, "label", seed=5, fraction=0.2)
+    torch.manual_seed(123)  # the training seed moves the global generators ...
+    np.random.seed(123)
+    assert labelled_indices(dataset, "label", seed=5, fraction=0.2) == first  # ... not the subset
+    assert labelled_indices(dataset, "label", seed=6, fraction=0.2) != first
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fraction": 0.01}, r"--label_fraction 0.01 asks for 0 images of class"),
+        ({"per_class": 30}, r"--labels_per_class 30 asks for 30 images of class 0 but it has 20"),
+    ],
+)
+def test_impossible_subsets_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        labelled_indices(labelled_dataset({0: 20, 1: 40}), "label", seed=0, **kwargs)
+
+
+def test_columns_are_detected_or_named():
+    features = Features({"img": Value("string"), "fine_label": Value("int64"), "coarse": Value("int64")})
+    dataset = Dataset.from_dict({"img": ["a"], "fine_label": [1], "coarse": [0]}, features=features)
+    assert find_image_column(dataset) == "img"
+    assert find_label_column(dataset) == "fine_label"
+    assert find_label_column(dataset, "coarse") == "coarse"
+    with pytest.raises(ValueError, match=r"--label_column_name 'species' is not a column of the dataset; its columns are \['img', 'fine_label', 'coarse'\]"):
+        find_label_column(dataset, "species")
+    unlabelled = Dataset.from_dict({"picture": ["a"]})
+    with pytest.raises(ValueError, match=r"No image column found among the dataset's columns \['picture'\]"):
+        find_image_column(unlabelled)
+    assert find_label_column(unlabelled, required=False) is None
+
+
+def test_integer_labels_become_classes():
+    dataset, names = class_names(Dataset.from_dict({"label": [3, 1, 3, 7]}), "label")
+    assert names == ["1", "3", "7"]
+    assert dataset["label"] == [1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16"])
+@pytest.mark.parametrize("train", [True, False])
+def test_images_of_any_mode_and_size_become_normalised_rgb_tensors(mode, train):
+    processor = get_preset("cifar10").image_processor()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).convert(mode)
+    dataset = Dataset.from_dict({"image": [image]}).cast_column("image", ImageFeature())
+    dataset = with_image_transform(dataset, image_transform(processor, train), "image")
+    pixel_values = dataset[0]["pixel_values"]
+    assert pixel_values.shape == (3, 32, 32) and pixel_values.dtype == torch.float32
+    assert -3 < pixel_values.mean() < 3
+
+
+def test_evaluation_transform_matches_the_image_processor():
+    processor = get_preset("imagenet224").image_processor()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    ours = image_transform(processor, train=False)(image)
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0)  # the same resize, crop and normalisation
+
+
+def test_training_transform_for_224_is_random_resized_crop():
+    processor = get_preset("imagenet224").image_processor()
+    transform = image_transform(processor, train=True, channel_drop_prob=0.5)
+    names = [type(step).__name__ for step in transform.transforms]
+    assert names[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"] and names[-1] == "KeepOneChannel"
+    image = Image.new("RGB", (120, 90))
+    assert transform(image).shape == (3, 224, 224)
+
+
+def test_keep_one_channel_keeps_one_channel():
+    torch.manual_seed(0)
+    image = torch.randn(3, 8, 8)
+    always = KeepOneChannel(1.0)
+    kept = [int((always(image).abs().sum(dim=(1, 2)) > 0).sum()) for _ in range(20)]
+    assert kept == [1] * 20
+    assert torch.equal(KeepOneChannel(0.0)(image), image)
+
+
+def test_masks_are_drawn_per_image_and_reproducible_from_the_seed():
+    collate = MaskedPatchCollator(num_patches=16, num_masked_patches=4)
+    examples = [{"pixel_values": torch.zeros(3, 32, 32)} for _ in range(8)]
+    torch.manual_seed(7)
+    first = collate(examples)["bool_masked_pos"]
+    torch.manual_seed(7)
+    assert torch.equal(collate(examples)["bool_masked_pos"], first)
+    torch.manual_seed(8)
+    assert not torch.equal(collate(examples)["bool_masked_pos"], first)
+    assert first.sum(dim=1).tolist() == [4] * 8
+    assert len({tuple(row.tolist()) for row in first}) > 1
+
+
+def test_default_dataset_is_the_embedded_digits():
+    digits = digits_dataset()["train"]
+    assert len(digits) == 1797
+    assert digits.features["label"].names == [str(d) for d in range(10)]
+    assert digits[0]["image"].size == (32, 32) and digits[0]["image"].mode == "RGB"
+    splits = load_splits(DataArguments())
+    assert (len(splits["train"]), len(splits["validation"])) == (1617, 180)
+    assert choose_preset(DataArguments(), splits["train"], "image") == "imagenet32"
+
+
+def test_validation_carve_is_stratified_and_fixed_by_the_split_seed():
+    first = load_splits(DataArguments(split_seed=0))["validation"]["label"]
+    assert load_splits(DataArguments(split_seed=0))["validation"]["label"] == first
+    assert load_splits(DataArguments(split_seed=1))["validation"]["label"] != first
+    counts = np.bincount(first, minlength=10)
+    assert counts.min() >= 17 and counts.max() <= 19  # 10% of every digit's ~180 images
+
+
+def test_preset_is_inferred_where_obvious(parquet_folder):
+    assert choose_preset(DataArguments(dataset_name="uoft-cs/cifar10"), None, "img") == "cifar10"
+    train = load_splits(DataArguments(dataset_name=str(parquet_folder)))["train"]
+    assert choose_preset(DataArguments(dataset_name=str(parquet_folder)), train, "img") == "imagenet32"
+    big = Dataset.from_dict({"image": [Image.new("RGB", (256, 200))]})
+    assert choose_preset(DataArguments(), big, "image") == "imagenet224"
+    assert choose_preset(DataArguments(preset="cifar10"), big, "image") == "cifar10"
+
+
+def test_streaming_holds_out_the_first_images_for_validation(parquet_folder):
+    splits = load_splits(DataArguments(dataset_name=str(parquet_folder), streaming=True, max_eval_samples=10))
+    assert len(list(splits["validation"])) == 10
+    assert len(list(splits["train"])) == 38
+
+
+def test_top_k_accuracy_metric():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0, 0, 0], [0.8, 0.1, 0.05, 0, 0, 0], [-1, 0, 0.1, 0.2, 0.3, 0.4]])
+    top = top_classes(logits, None)
+    assert top.shape == (3, 5) and top[:, 0].tolist() == [1, 0, 5]
+    result = TopKAccuracy(keep_in_memory=True).compute(predictions=top, references=[1, 2, 0])
+    assert result == {"accuracy": pytest.approx(1 / 3), "top5_accuracy": pytest.approx(2 / 3)}
+    assert top_classes(logits[:, :4], None).shape == (3, 1)  # 5 classes or fewer: top-1 only
+
+
+def test_candidate_hits_counts_own_patch_wins():
+    logits = torch.tensor([[[2.0, 1.0], [0.0, 3.0]], [[0.0, 1.0], [0.0, 3.0]]])  # image 0: 2 of 2, image 1: 1 of 2
+    assert candidate_hits((logits, None), None).tolist() == [1.0, 0.5]
+
+
+def test_accuracy_metric_works_offline(tmp_path):
+    script = textwrap.dedent(
+        """
+        from selfie_training.metrics import TopKAccuracy
+        print(TopKAccuracy(keep_in_memory=True).compute(predictions=[[1, 0], [2, 1], [0, 2]], references=[1, 1, 1]))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("{'accuracy': 0.3333333333333333, 'top2_accuracy': 0.6666666666666666}")
