@@ -1,10 +1,10 @@
-# Everything a fresh machine needs: `make test` builds .venv and runs the test suite.
+# Everything a fresh machine needs: `make demo` and `make test` build .venv first.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The PyTorch pair this project is tested with; timm needs torchvision, and the two must match.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test
+.PHONY: install demo test
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m pip install --quiet $(TORCH)
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $@
+
+# Pretrain on the embedded handwritten digits, fine-tune on 5% and 20% of the labels against training from
+# scratch, and print the table (outputs/digits).
+demo: install
+	$(PYTHON) run_sweep.py configs/digits.json
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
