@@ -89,6 +89,8 @@ def main(args: list[str] | None = None) -> dict:
     train, names = class_names(splits["train"], label_column)
     validation, _ = class_names(splits["validation"], label_column)
     if finetuning_args.label_fraction is not None or finetuning_args.labels_per_class is not None:
+        if data_args.streaming:
+            raise ValueError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
         indices = labelled_indices(
             train,
             label_column,
@@ -129,13 +131,17 @@ def main(args: list[str] | None = None) -> dict:
             "task": "classification",
             "dataset": dataset,
             "dataset_description": f"{_labelled_share(finetuning_args)} of the training images of {dataset} "
-            f"({len(train)} images, {len(names)} classes); evaluated on its validation split.",
+            f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
             "origin": f"pretrained with Selfie ({model_args.model_name_or_path})"
             if model_args.model_name_or_path
             else "trained from scratch",
         },
     )
     return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+
+
+def _size(dataset) -> str:
+    return f"{len(dataset)} images" if hasattr(dataset, "__len__") else "streamed"
 
 
 def _labelled_share(args: FineTuningArguments) -> str:

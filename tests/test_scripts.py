@@ -152,11 +152,26 @@ def test_arguments_from_a_json_file(tmp_path, parquet_folder):
 
 
 def test_streaming(tmp_path, parquet_folder):
-    metrics = pretrain(
-        tmp_path / "streamed", "--dataset_name", str(parquet_folder), "--streaming", "--max_steps", "2",
-        "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
-    )
+    streamed = ["--dataset_name", str(parquet_folder), "--streaming", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8"]
+    metrics = pretrain(tmp_path / "pretrained", *streamed)
     assert 0 <= metrics["eval_candidate_accuracy"] <= 1
+    metrics = fine_tune(tmp_path / "classifier", "--model_name_or_path", str(tmp_path / "pretrained"), *streamed)
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    assert "streamed" in (tmp_path / "classifier" / "README.md").read_text()
+
+
+def test_separate_validation_folder_and_the_attention_pooling_head(tmp_path, image_folder):
+    pretrained = tmp_path / "pretrained"
+    pretrain(pretrained, "--train_dir", str(image_folder), "--max_steps", "1", "--per_device_train_batch_size", "8")
+    metrics = fine_tune(
+        tmp_path / "classifier", "--train_dir", str(image_folder), "--validation_dir", str(image_folder),
+        "--model_name_or_path", str(pretrained), "--classifier_head", "attention_pooling", "--max_steps", "1",
+    )
+    assert metrics["eval_samples_per_second"] > 0
+    assert read_json(tmp_path / "classifier" / "eval_results.json")["eval_accuracy"] == metrics["eval_accuracy"]
+    model = SelfieForImageClassification.from_pretrained(tmp_path / "classifier")
+    assert model.config.classifier_head == "attention_pooling" and model.stage4 is None
+    assert "the attention pooling network and a linear classifier" in (tmp_path / "classifier" / "README.md").read_text()
 
 
 def test_embedded_default_dataset(tmp_path):
