@@ -21,9 +21,10 @@ from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
 from selfie_training.data import (
     DIGITS,
     DataArguments,
+    check_labels,
     choose_preset,
-    class_names,
     collate_images,
+    encode_labels,
     find_image_column,
     find_label_column,
     image_transform,
@@ -33,12 +34,14 @@ from selfie_training.data import (
 )
 from selfie_training.metrics import compute_accuracy, top_classes
 from selfie_training.runner import (
+    build_model,
     save_json,
     ModelArguments,
     build_config,
     find_last_checkpoint,
     load_image_processor,
     parse_arguments,
+    run,
     setup,
     train_and_evaluate,
 )
@@ -86,8 +89,12 @@ def main(args: list[str] | None = None) -> dict:
     splits = load_splits(data_args)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     label_column = find_label_column(splits["train"], data_args.label_column_name)
-    train, names = class_names(splits["train"], label_column)
-    validation, _ = class_names(splits["validation"], label_column)
+    train, names = encode_labels(splits["train"], label_column)
+    validation, validation_names = encode_labels(splits["validation"], label_column, names)
+    if validation_names != names:
+        raise ValueError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
+    check_labels(train, label_column, names, "train")
+    check_labels(validation, label_column, names, "validation")
     if finetuning_args.label_fraction is not None or finetuning_args.labels_per_class is not None:
         if data_args.streaming:
             raise ValueError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
@@ -109,12 +116,7 @@ def main(args: list[str] | None = None) -> dict:
     if finetuning_args.classifier_head is not None:
         labels["classifier_head"] = finetuning_args.classifier_head
     config = build_config(model_args, preset, **labels)
-    if model_args.model_name_or_path is not None:
-        model = SelfieForImageClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
-        )
-    else:
-        model = SelfieForImageClassification(config)
+    model = build_model(SelfieForImageClassification, model_args, config)
     image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
@@ -153,4 +155,4 @@ def _labelled_share(args: FineTuningArguments) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -26,11 +26,13 @@ from selfie_training.data import (
 )
 from selfie_training.metrics import candidate_hits, compute_candidate_accuracy
 from selfie_training.runner import (
+    build_model,
     ModelArguments,
     build_config,
     find_last_checkpoint,
     load_image_processor,
     parse_arguments,
+    run,
     setup,
     train_and_evaluate,
 )
@@ -53,10 +55,7 @@ def main(args: list[str] | None = None) -> dict:
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)
-    if model_args.model_name_or_path is not None:
-        model = SelfieForMaskedPatchPrediction.from_pretrained(model_args.model_name_or_path, config=config)
-    else:
-        model = SelfieForMaskedPatchPrediction(config)
+    model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
@@ -81,4 +80,4 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

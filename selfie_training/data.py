@@ -77,11 +77,11 @@ class DataArguments:
 def load_splits(args: DataArguments) -> dict:
     """The `train` and `validation` splits the arguments name; validation carved from train if absent."""
     if args.dataset_name is not None:
-        splits = dict(load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming))
+        splits = dict(_load("--dataset_name", args.dataset_name, args, name=args.dataset_config_name))
     elif args.train_dir is not None:
-        splits = {"train": _load_folder(args.train_dir, args)}
+        splits = {"train": _load("--train_dir", args.train_dir, args, split="train")}
         if args.validation_dir is not None:
-            splits["validation"] = _load_folder(args.validation_dir, args)
+            splits["validation"] = _load("--validation_dir", args.validation_dir, args, split="train")
     else:
         logger.info("No dataset given: using scikit-learn's handwritten digits (1,797 images, 10 classes).")
         splits = dict(digits_dataset())
@@ -89,17 +89,27 @@ def load_splits(args: DataArguments) -> dict:
         raise ValueError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
+    _check_not_empty(train, "train")
     if validation is None:
         train, validation = _hold_out(train, args)
+    _check_not_empty(validation, "validation")
     return {
         "train": _limit(train, args.max_train_samples, args.split_seed),
         "validation": _limit(validation, args.max_eval_samples, args.split_seed),
     }
 
 
-def _load_folder(path: str, args: DataArguments):
-    # `load_dataset` on a folder picks the builder from its files: imagefolder, parquet, arrow, ...
-    return load_dataset(path, split="train", cache_dir=args.cache_dir, streaming=args.streaming)
+def _load(flag: str, path: str, args: DataArguments, **kwargs):
+    # On a local folder, `load_dataset` picks the builder from its files: imagefolder, parquet, arrow, ...
+    try:
+        return load_dataset(path, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
+    except FileNotFoundError as error:
+        raise ValueError(f"{flag} {path}: {str(error).strip().splitlines()[0]}") from error
+
+
+def _check_not_empty(dataset, split: str):
+    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+        raise ValueError(f"The {split} split of the dataset is empty.")
 
 
 def _hold_out(train, args: DataArguments):
@@ -170,15 +180,38 @@ def _check_column(name: str, columns: list[str], flag: str):
         raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {columns}.")
 
 
-def class_names(dataset, label_column: str) -> tuple:
-    """The dataset with its label column as a `ClassLabel`, and the class names."""
+def encode_labels(dataset, label_column: str, names: list[str] | None = None) -> tuple:
+    """The dataset with its label column as a `ClassLabel`, and the class names. A column that is not one already
+    is encoded with `names` (train's classes) where given, else with its own sorted values."""
+    if label_column not in _column_names(dataset):
+        raise ValueError(f"A split has no label column {label_column!r}; its columns are {_column_names(dataset)}.")
     feature = dataset.features.get(label_column) if dataset.features else None
-    if not isinstance(feature, ClassLabel):
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
+    if isinstance(feature, ClassLabel):
+        return dataset, list(feature.names)
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
+    if names is None:
         dataset = dataset.class_encode_column(label_column)
-        feature = dataset.features[label_column]
-    return dataset, list(feature.names)
+        return dataset, list(dataset.features[label_column].names)
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = sorted({str(value) for value in dataset[label_column]} - ids.keys())
+    if unknown:
+        raise ValueError(f"Labels {unknown[:5]} in column {label_column!r} are not among the training classes {names[:10]}.")
+    encoded = dataset.map(lambda batch: {label_column: [ids[str(value)] for value in batch[label_column]]}, batched=True)
+    return encoded.cast_column(label_column, ClassLabel(names=names)), names
+
+
+def check_labels(dataset, label_column: str, names: list[str], split: str):
+    """Every label of a (not streamed) split must be one of the model's classes."""
+    if isinstance(dataset, IterableDataset):
+        return
+    labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
+    outside = sorted(set(labels[(labels < 0) | (labels >= len(names))].tolist()))
+    if outside:
+        raise ValueError(
+            f"The {split} split has label ids {outside[:5]} in column {label_column!r}, outside the {len(names)} "
+            "classes of the model (-1 marks unlabelled images in some datasets): drop them or use another split."
+        )
 
 
 def labelled_indices(dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None) -> list[int]:

@@ -1,7 +1,10 @@
-"""`Trainer` subclasses of the Selfie scripts: Selfie model cards, and the candidate accuracy in pretraining logs."""
+"""`Trainer` pieces of the Selfie scripts: Selfie model cards, a stop on non-finite losses, a checkpoint on SIGINT and
+SIGTERM, and the candidate accuracy in pretraining logs."""
+
+import signal
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .model_card import write_model_card
 
@@ -19,6 +22,55 @@ class SelfieTrainer(Trainer):
 
     def create_model_card(self, **kwargs):
         write_model_card(self, **self.card)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Before the optimiser step: the weights, and the last checkpoint on disk, are still those of good steps.
+        if not torch.isfinite(loss):
+            raise TrainingStopped(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1}; the checkpoints in "
+                f"{self.args.output_dir} are intact. Lower --learning_rate or check the data, then run again to resume.",
+                exit_status=3,
+            )
+        return loss
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before its end, its last checkpoint intact; the scripts exit with `exit_status`."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGINT or SIGTERM, finish the step under way, save a checkpoint and stop training; `signal` then says which
+    signal came. A second signal acts at once, as it would without this callback."""
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None
+        self._previous_handlers = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._receive)
+
+    def _receive(self, signum, frame):
+        self.signal = signal.Signals(signum)
+        self._restore_handlers()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore_handlers()
+
+    def _restore_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
 class PretrainingTrainer(SelfieTrainer):

@@ -16,8 +16,9 @@ from selfie_training.data import (
     KeepOneChannel,
     MaskedPatchCollator,
     choose_preset,
-    class_names,
+    check_labels,
     digits_dataset,
+    encode_labels,
     find_image_column,
     find_label_column,
     image_transform,
@@ -88,10 +89,21 @@ def test_columns_are_detected_or_named():
     assert find_label_column(unlabelled, required=False) is None
 
 
-def test_integer_labels_become_classes():
-    dataset, names = class_names(Dataset.from_dict({"label": [3, 1, 3, 7]}), "label")
+def test_integer_labels_become_classes_and_other_splits_follow_train():
+    train, names = encode_labels(Dataset.from_dict({"label": [3, 1, 3, 7]}), "label")
     assert names == ["1", "3", "7"]
-    assert dataset["label"] == [1, 0, 1, 2]
+    assert list(train["label"]) == [1, 0, 1, 2]
+    validation, validation_names = encode_labels(Dataset.from_dict({"label": [7, 7, 3]}), "label", names)
+    assert validation_names == names and list(validation["label"]) == [2, 2, 1]
+    with pytest.raises(ValueError, match=r"Labels \['9'\] in column 'label' are not among the training classes"):
+        encode_labels(Dataset.from_dict({"label": [9, 3]}), "label", names)
+
+
+def test_labels_outside_the_classes_are_refused():
+    dataset = Dataset.from_dict({"label": [0, 2, -1]}, features=Features({"label": ClassLabel(num_classes=3)}))
+    with pytest.raises(ValueError, match=r"The validation split has label ids \[-1\] in column 'label', outside the 3 classes"):
+        check_labels(dataset, "label", ["a", "b", "c"], "validation")
+    check_labels(dataset.select([0, 1]), "label", ["a", "b", "c"], "validation")
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16"])

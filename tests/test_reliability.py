@@ -1,0 +1,182 @@
+"""Bad input, faults and interruptions: clear one-line errors, and no loss of what was already written."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET_FLAGS, TINY_MODEL_FLAGS
+from safetensors.torch import load_file
+
+import run_image_classification
+import run_pretraining
+from modeling_selfie import SelfieForMaskedPatchPrediction
+from selfie_training.trainer import TrainingStopped
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def pretrain(output_dir, *flags):
+    return run_pretraining.main(
+        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *TINY_MODEL_FLAGS, *QUIET_FLAGS, *flags]
+    )
+
+
+def fine_tune(output_dir, *flags):
+    return run_image_classification.main(["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pretrained")
+    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_eval_samples", "16")
+    return output
+
+
+def bert_checkpoint(root: Path) -> Path:
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--config_overrides", "patch_size=7"], r"SelfieConfig\.patch_size=7 must divide image_size 32"),
+        (["--config_overrides", "num_masked_patches=16"], r"SelfieConfig\.num_masked_patches=16 must be an int from 2 to 15"),
+        (["--backbone", "vit_base_patch16_224"], r"SelfieConfig\.backbone='vit_base_patch16_224' must name a timm ResNet"),
+        (["--image_column_name", "picture"], r"--image_column_name 'picture' is not a column of the dataset; its columns are \['image', 'label'\]"),
+        (["--dataset_name", "/no/such/folder"], r"--dataset_name /no/such/folder: Couldn't find any data file"),
+        (["--unknown_flag", "1"], r"Some specified arguments are not used by the HfArgumentParser: \['--unknown_flag', '1'\]"),
+    ],
+)
+def test_bad_pretraining_flags_fail_before_training(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(tmp_path / "run", "--max_steps", "1", *flags)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bad_fine_tuning_flags_and_checkpoints_fail_before_training(tmp_path, pretrained):
+    cases = [
+        (["--label_column_name", "species"], r"--label_column_name 'species' is not a column"),
+        (["--label_fraction", "0.001"], r"--label_fraction 0.001 asks for 0 images of class 0 but it has"),
+        (["--label_fraction", "1.5"], r"--label_fraction 1.5 must be in \(0, 1\]"),
+        (["--label_fraction", "0.1", "--labels_per_class", "5"], r"Give --label_fraction or --labels_per_class, not both"),
+        (["--model_name_or_path", str(bert_checkpoint(tmp_path / "bert"))], r"holds a 'bert' model, not a Selfie one"),
+        (["--config_name", str(tmp_path / "nothing")], r"--config_name .*nothing: no readable config.json"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", *flags)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "pickle only"])
+def test_missing_or_corrupt_weights_are_named(tmp_path, pretrained, damage):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (checkpoint / name).write_bytes((pretrained / name).read_bytes())
+    if damage == "corrupt":
+        (checkpoint / "model.safetensors").write_bytes((pretrained / "model.safetensors").read_bytes()[:100])
+    if damage == "pickle only":  # never unpickled: pickle files can run code
+        torch.save(SelfieForMaskedPatchPrediction.from_pretrained(pretrained).state_dict(), checkpoint / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"--model_name_or_path .*checkpoint: no readable model.safetensors"):
+        fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
+
+
+def test_validation_labels_outside_the_classes_are_refused(tmp_path, image_folder):
+    validation = tmp_path / "validation"
+    for name in ("class_0", "class_9"):
+        (validation / name).mkdir(parents=True)
+        next(image_folder.rglob("*.png")).rename(validation / name / "0.png")
+    with pytest.raises(ValueError, match=r"The validation split's classes \['class_0', 'class_9'\] differ from train's"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(validation))
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    next(image_folder.rglob("*.png")).rename(unlabelled / "0.png")
+    with pytest.raises(ValueError, match=r"A split has no label column 'label'; its columns are \['image'\]"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(unlabelled))
+
+
+def test_scripts_report_user_errors_in_one_line_with_status_2(tmp_path):
+    command = [sys.executable, str(REPOSITORY / "run_pretraining.py"), "--output_dir", str(tmp_path), "--do_train",
+               "--config_overrides", "num_masked_patches=40", *QUIET_FLAGS]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert error_lines == [
+        "run_pretraining.py: error: SelfieConfig.num_masked_patches=40 must be an int from 2 to 15 (the 4x4 grid less "
+        "at least one visible patch)."
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original_forward = SelfieForMaskedPatchPrediction.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        output = original_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(SelfieForMaskedPatchPrediction, "forward", forward)
+    output = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"The training loss became nan at step 3; the checkpoints in .* are intact"):
+        pretrain(output, "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "8", "--do_eval", "False")
+    assert not (output / "model.safetensors").exists()  # no final model from a broken run
+    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    weights = load_file(output / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_an_incompletely_saved_checkpoint_is_skipped_on_resume(tmp_path):
+    output = tmp_path / "run"
+    flags = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
+             "--do_eval", "False", "--max_train_samples", "64", "--save_total_limit", "5"]
+    pretrain(output, *flags)
+    for path in output.iterdir():  # a run killed while writing checkpoint-4, after checkpoint-2
+        if path.is_file():
+            path.unlink()
+    (output / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')
+    (output / "checkpoint-2" / "trainer_state.json").write_text(
+        (output / "checkpoint-2" / "trainer_state.json").read_text().replace('"log_history": [', '"log_history": [{"marker": 2}, ')
+    )
+    pretrain(output, *flags)
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["log_history"][0] == {"marker": 2}
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path):
+    output = tmp_path / "run"
+
+    def command(max_steps: int) -> list[str]:
+        return [sys.executable, str(REPOSITORY / "run_pretraining.py"), "--output_dir", str(output), "--do_train",
+                "--max_steps", str(max_steps), "--save_steps", "1000", "--logging_steps", "1",
+                "--per_device_train_batch_size", "4", "--max_train_samples", "64", *TINY_MODEL_FLAGS,
+                "--report_to", "none", "--disable_tqdm", "True"]
+
+    process = subprocess.Popen(command(1000), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until training runs
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Stopped by SIGTERM at step" in stderr and "run the same command again to resume" in stderr
+    checkpoints = list(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not (output / "model.safetensors").exists()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 1000
+
+    resumed = subprocess.run(command(step + 2), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == step + 2
