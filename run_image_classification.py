@@ -129,6 +129,7 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=collate_images,
         compute_metrics=compute_accuracy,
         preprocess_logits_for_metrics=top_classes,
+        max_unreadable_fraction=data_args.max_unreadable_fraction,
         card={
             "task": "classification",
             "dataset": dataset,

@@ -67,6 +67,7 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=MaskedPatchCollator(config.num_patches, config.num_masked_patches),
         compute_metrics=compute_candidate_accuracy,
         preprocess_logits_for_metrics=candidate_hits,
+        max_unreadable_fraction=data_args.max_unreadable_fraction,
         card={
             "task": "pretraining",
             "dataset": data_args.dataset_name or data_args.train_dir or DIGITS,

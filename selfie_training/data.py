@@ -1,5 +1,7 @@
 """Data for the Selfie scripts: loading, columns, labelled subsets, image transforms and collators."""
 
+import io
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -63,6 +65,13 @@ class DataArguments:
     channel_drop_prob: float = field(
         default=0.0,
         metadata={"help": "CPC v2's colour augmentation: with this probability keep one random colour channel."},
+    )
+    max_unreadable_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "Images that cannot be decoded are skipped and named in unreadable_images.txt in --output_dir; "
+            "the run stops once more than this share of the images read is unreadable."
+        },
     )
     split_seed: int = field(
         default=0,
@@ -262,11 +271,42 @@ def image_transform(processor: BitImageProcessor, train: bool, channel_drop_prob
     return v2.Compose(steps)
 
 
+# What PIL raises for a file that is not a readable image: empty, truncated, corrupt, not an image at all, or
+# a decompression bomb.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(entry: dict) -> Image.Image:
+    """Decode an undecoded `datasets` image (`{"bytes", "path"}`) completely, so that a truncated file fails here,
+    and as RGB: 16-bit grayscale is scaled to 8 bits, every other mode (L, LA, P, RGBA, CMYK, ...) converted."""
+    image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"])
+    image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        pixels = np.asarray(image, dtype=np.float32)
+        scale = 257.0 if pixels.max() > 255 else 1.0  # 16-bit range, or 8-bit values stored wide
+        image = Image.fromarray(np.uint8(np.clip(pixels / scale, 0, 255)))
+    return image.convert("RGB")
+
+
+def image_name(entry: dict) -> str:
+    return entry.get("path") or "an image embedded in the dataset"
+
+
 def with_image_transform(dataset, transform, image_column: str, label_column: str | None = None):
-    """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read."""
+    """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read. An
+    image that cannot be read yields `pixel_values=None` and its name in `unreadable`, for the collator to drop."""
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
 
     def transform_batch(batch: dict) -> dict:
-        result = {"pixel_values": [transform(image.convert("RGB")) for image in batch[image_column]]}
+        pixel_values, unreadable = [], []
+        for entry in batch[image_column]:
+            try:
+                pixel_values.append(transform(read_image(entry)))
+                unreadable.append(None)
+            except UNREADABLE_IMAGE_ERRORS as error:
+                pixel_values.append(None)
+                unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
+        result = {"pixel_values": pixel_values, "unreadable": unreadable}
         if label_column is not None:
             result["labels"] = batch[label_column]
         return result
@@ -277,9 +317,16 @@ def with_image_transform(dataset, transform, image_column: str, label_column: st
 
 
 def collate_images(examples: list[dict]) -> dict:
-    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
-    if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([example["labels"] for example in examples])
+    """Stack the readable images (and their labels); name the unreadable ones in `unreadable_images`, which
+    `SelfieTrainer` takes out of the batch and accounts for."""
+    readable = [example for example in examples if example["pixel_values"] is not None]
+    unreadable = [example["unreadable"] for example in examples if example["pixel_values"] is None]
+    if not readable:
+        raise ValueError(f"No image of a batch of {len(examples)} could be read, the first: {unreadable[0]}")
+    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in readable])}
+    if "labels" in readable[0]:
+        batch["labels"] = torch.tensor([example["labels"] for example in readable])
+    batch["unreadable_images"] = unreadable
     return batch
 
 
@@ -293,7 +340,7 @@ class MaskedPatchCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = collate_images(examples)
-        batch["bool_masked_pos"] = random_patch_mask(len(examples), self.num_patches, self.num_masked_patches)
+        batch["bool_masked_pos"] = random_patch_mask(len(batch["pixel_values"]), self.num_patches, self.num_masked_patches)
         return batch
 
 
@@ -304,7 +351,17 @@ def choose_preset(args: DataArguments, train, image_column: str) -> str:
     if "cifar" in (args.dataset_name or "").lower():
         name = "cifar10"
     else:
-        width, height = next(iter(train))[image_column].size
+        width, height = _first_readable_image(train, image_column).size
         name = "imagenet32" if max(width, height) <= 64 else "imagenet224"
     logger.info("Using the %s preset (choose another with --preset).", name)
     return name
+
+
+def _first_readable_image(dataset, image_column: str, tries: int = 100) -> Image.Image:
+    entries = dataset.cast_column(image_column, ImageFeature(decode=False))
+    for entry in itertools.islice(entries, tries):
+        try:
+            return read_image(entry[image_column])
+        except UNREADABLE_IMAGE_ERRORS:
+            continue
+    raise ValueError(f"None of the first {tries} images of the training split could be read.")

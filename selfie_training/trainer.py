@@ -1,6 +1,8 @@
 """`Trainer` pieces of the Selfie scripts: Selfie model cards, a stop on non-finite losses, a checkpoint on SIGINT and
 SIGTERM, and the candidate accuracy in pretraining logs."""
 
+import logging
+import os
 import signal
 
 import torch
@@ -9,16 +11,53 @@ from transformers import Trainer, TrainerCallback
 from .model_card import write_model_card
 
 
+logger = logging.getLogger(__name__)
+
+UNREADABLE_IMAGES_FILE = "unreadable_images.txt"
+
+
 class SelfieTrainer(Trainer):
-    """A `Trainer` whose model card (written by the scripts, and by `push_to_hub`) is a Selfie model card.
+    """A `Trainer` for the Selfie scripts: its model card (written by the scripts, and by `push_to_hub`) is a
+    Selfie model card; it stops on a non-finite loss; and it accounts for the images the collator could not read.
 
     `card` holds what the card needs beyond the trainer's state: `task` ("pretraining" or "classification"),
     `dataset` and `dataset_description`, and for classifiers `origin` (where the patch network came from).
+    Unreadable images are logged and appended to `unreadable_images.txt` in the output directory; the run stops
+    once they are more than `max_unreadable_fraction` of the images read (counting at least 1,000, so that one bad
+    file among the first few batches does not stop it).
     """
 
-    def __init__(self, *args, card: dict, **kwargs):
+    def __init__(self, *args, card: dict, max_unreadable_fraction: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
         self.card = card
+        self.max_unreadable_fraction = max_unreadable_fraction
+        self.images_read = 0
+        self.unreadable_images = 0
+
+    def _prepare_inputs(self, inputs):
+        inputs = dict(inputs)
+        unreadable = inputs.pop("unreadable_images", [])
+        self._account_for_images(unreadable, read=len(inputs["pixel_values"]) + len(unreadable))
+        return super()._prepare_inputs(inputs)
+
+    def _account_for_images(self, unreadable: list[str], read: int):
+        self.images_read += read
+        if not unreadable:
+            return
+        self.unreadable_images += len(unreadable)
+        report = os.path.join(self.args.output_dir, UNREADABLE_IMAGES_FILE)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(report, "a") as file:
+            file.writelines(f"{name}\n" for name in unreadable)
+        for name in unreadable:
+            logger.warning("Skipped an unreadable image: %s", name)
+        if self.unreadable_images > self.max_unreadable_fraction * max(self.images_read, 1000):
+            raise TrainingStopped(
+                f"{self.unreadable_images} of the {self.images_read} images read so far could not be decoded, more "
+                f"than --max_unreadable_fraction {self.max_unreadable_fraction}; they are listed in {report}. "
+                "Remove or repair them (or raise the limit), then run the same command again to resume.",
+                exit_status=2,
+            )
 
     def create_model_card(self, **kwargs):
         write_model_card(self, **self.card)
