@@ -21,6 +21,7 @@ from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
 from selfie_training.data import (
     DIGITS,
     DataArguments,
+    RandomStream,
     check_labels,
     choose_preset,
     collate_images,
@@ -120,13 +121,15 @@ def main(args: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    stream = RandomStream(training_args.seed)
     dataset = data_args.dataset_name or data_args.train_dir or DIGITS
     trainer = SelfieTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_image_transform(train, train_transform, image_column, label_column),
+        train_dataset=with_image_transform(train, train_transform, image_column, label_column, stream=stream),
         eval_dataset=with_image_transform(validation, image_transform(image_processor, train=False), image_column, label_column),
         data_collator=collate_images,
+        data_stream=stream,
         compute_metrics=compute_accuracy,
         preprocess_logits_for_metrics=top_classes,
         max_unreadable_fraction=data_args.max_unreadable_fraction,

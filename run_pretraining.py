@@ -17,8 +17,9 @@ from modeling_selfie import SelfieForMaskedPatchPrediction
 from selfie_training.data import (
     DIGITS,
     DataArguments,
-    MaskedPatchCollator,
+    RandomStream,
     choose_preset,
+    collate_images,
     find_image_column,
     image_transform,
     load_splits,
@@ -59,12 +60,17 @@ def main(args: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    eval_transform = image_transform(image_processor, train=False)
+    masks = (config.num_patches, config.num_masked_patches)
+    train_stream, eval_stream = RandomStream(training_args.seed), RandomStream(training_args.seed)
     trainer = PretrainingTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_image_transform(splits["train"], train_transform, image_column),
-        eval_dataset=with_image_transform(splits["validation"], image_transform(image_processor, train=False), image_column),
-        data_collator=MaskedPatchCollator(config.num_patches, config.num_masked_patches),
+        train_dataset=with_image_transform(splits["train"], train_transform, image_column, stream=train_stream, masks=masks),
+        eval_dataset=with_image_transform(splits["validation"], eval_transform, image_column, stream=eval_stream, masks=masks),
+        data_collator=collate_images,
+        data_stream=train_stream,
+        eval_stream=eval_stream,
         compute_metrics=compute_candidate_accuracy,
         preprocess_logits_for_metrics=candidate_hits,
         max_unreadable_fraction=data_args.max_unreadable_fraction,

@@ -4,6 +4,7 @@ import io
 import itertools
 import logging
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,21 +293,61 @@ def image_name(entry: dict) -> str:
     return entry.get("path") or "an image embedded in the dataset"
 
 
-def with_image_transform(dataset, transform, image_column: str, label_column: str | None = None):
-    """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read. An
-    image that cannot be read yields `pixel_values=None` and its name in `unreadable`, for the collator to drop."""
+class RandomStream:
+    """A random stream of the data pipeline's own (augmentation, masks), apart from the model's: torch's CPU
+    generator runs on this stream's state inside `active()`, and every example records the state after its batch.
+    `SelfieTrainer` saves the state after the last batch trained on with every checkpoint, and restores it before
+    a resumed run reads its first batch, so that the resumed run draws what the uninterrupted one would have
+    (exactly so with `--dataloader_num_workers 0`: workers draw from copies of the stream)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.reset()
+
+    def reset(self):
+        self.state = torch.Generator().manual_seed(self.seed).get_state()
+
+    @contextmanager
+    def active(self):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def with_image_transform(
+    dataset,
+    transform,
+    image_column: str,
+    label_column: str | None = None,
+    stream: RandomStream | None = None,
+    masks: tuple[int, int] | None = None,
+):
+    """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read, on
+    `stream` where given. With `masks` (`num_patches`, `num_masked_patches`), every image also gets a mask
+    (`bool_masked_pos`) drawn from `stream`. An image that cannot be read yields `pixel_values=None` and its name
+    in `unreadable`, for the collator to drop."""
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
 
     def transform_batch(batch: dict) -> dict:
+        entries = batch[image_column]
         pixel_values, unreadable = [], []
-        for entry in batch[image_column]:
-            try:
-                pixel_values.append(transform(read_image(entry)))
-                unreadable.append(None)
-            except UNREADABLE_IMAGE_ERRORS as error:
-                pixel_values.append(None)
-                unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
-        result = {"pixel_values": pixel_values, "unreadable": unreadable}
+        with stream.active() if stream is not None else nullcontext():
+            for entry in entries:
+                try:
+                    pixel_values.append(transform(read_image(entry)))
+                    unreadable.append(None)
+                except UNREADABLE_IMAGE_ERRORS as error:
+                    pixel_values.append(None)
+                    unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
+            result = {"pixel_values": pixel_values, "unreadable": unreadable}
+            if masks is not None:
+                result["bool_masked_pos"] = list(random_patch_mask(len(entries), *masks))
+        if stream is not None:
+            result["stream_state"] = [stream.state] * len(entries)
         if label_column is not None:
             result["labels"] = batch[label_column]
         return result
@@ -317,31 +358,19 @@ def with_image_transform(dataset, transform, image_column: str, label_column: st
 
 
 def collate_images(examples: list[dict]) -> dict:
-    """Stack the readable images (and their labels); name the unreadable ones in `unreadable_images`, which
-    `SelfieTrainer` takes out of the batch and accounts for."""
+    """Stack the readable images (and their labels and masks). `unreadable_images` names the others, and
+    `data_stream_state` is the data stream's state after this batch; `SelfieTrainer` takes both out of the batch."""
     readable = [example for example in examples if example["pixel_values"] is not None]
-    unreadable = [example["unreadable"] for example in examples if example["pixel_values"] is None]
     if not readable:
-        raise ValueError(f"No image of a batch of {len(examples)} could be read, the first: {unreadable[0]}")
+        raise ValueError(f"No image of a batch of {len(examples)} could be read, the first: {examples[0]['unreadable']}")
     batch = {"pixel_values": torch.stack([example["pixel_values"] for example in readable])}
     if "labels" in readable[0]:
         batch["labels"] = torch.tensor([example["labels"] for example in readable])
-    batch["unreadable_images"] = unreadable
+    if "bool_masked_pos" in readable[0]:
+        batch["bool_masked_pos"] = torch.stack([example["bool_masked_pos"] for example in readable])
+    batch["unreadable_images"] = [example["unreadable"] for example in examples if example["pixel_values"] is None]
+    batch["data_stream_state"] = examples[-1].get("stream_state")
     return batch
-
-
-@dataclass
-class MaskedPatchCollator:
-    """Batches images and draws a fresh mask for every image from torch's random generator, which `Trainer` seeds
-    (and which the DataLoader seeds in each worker from it), so the masks are reproducible from `--seed`."""
-
-    num_patches: int
-    num_masked_patches: int
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = collate_images(examples)
-        batch["bool_masked_pos"] = random_patch_mask(len(batch["pixel_values"]), self.num_patches, self.num_masked_patches)
-        return batch
 
 
 def choose_preset(args: DataArguments, train, image_column: str) -> str:

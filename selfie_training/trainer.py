@@ -8,6 +8,7 @@ import signal
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .data import RandomStream
 from .model_card import write_model_card
 
 
@@ -27,15 +28,51 @@ class SelfieTrainer(Trainer):
     file among the first few batches does not stop it).
     """
 
-    def __init__(self, *args, card: dict, max_unreadable_fraction: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        *args,
+        card: dict,
+        data_stream: RandomStream,
+        eval_stream: RandomStream | None = None,
+        max_unreadable_fraction: float = 0.01,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.card = card
+        self.data_stream = data_stream
+        self.eval_stream = eval_stream
+        self._trained_stream_state = None  # the data stream after the last batch trained on
         self.max_unreadable_fraction = max_unreadable_fraction
         self.images_read = 0
         self.unreadable_images = 0
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        # Restored here, before the first batch is read: Trainer restores its own generators only after that.
+        if isinstance(resume_from_checkpoint, str) and os.path.isfile(self._data_rng_file(resume_from_checkpoint)):
+            self.data_stream.state = torch.load(self._data_rng_file(resume_from_checkpoint), weights_only=True)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_rng_state(self, output_dir: str):
+        super()._save_rng_state(output_dir)
+        # Not the stream's current state: the DataLoader has already read batches ahead of the training step.
+        state = self._trained_stream_state if self._trained_stream_state is not None else self.data_stream.state
+        torch.save(state, self._data_rng_file(output_dir))
+
+    def evaluate(self, *args, **kwargs):
+        if self.eval_stream is not None:
+            self.eval_stream.reset()  # the same masks at every evaluation, so that the figures compare
+        return super().evaluate(*args, **kwargs)
+
+    def _data_rng_file(self, checkpoint: str) -> str:
+        # Every process reads its own share of the data, on its own stream.
+        name = "data_rng_state.pth" if self.args.world_size == 1 else f"data_rng_state_{self.args.process_index}.pth"
+        return os.path.join(checkpoint, name)
+
     def _prepare_inputs(self, inputs):
         inputs = dict(inputs)
+        stream_state = inputs.pop("data_stream_state", None)
+        if stream_state is not None and self.model.training:
+            self._trained_stream_state = stream_state
         unreadable = inputs.pop("unreadable_images", [])
         self._account_for_images(unreadable, read=len(inputs["pixel_values"]) + len(unreadable))
         return super()._prepare_inputs(inputs)

@@ -14,8 +14,9 @@ from modeling_selfie import get_preset
 from selfie_training.data import (
     DataArguments,
     KeepOneChannel,
-    MaskedPatchCollator,
+    RandomStream,
     choose_preset,
+    collate_images,
     check_labels,
     digits_dataset,
     encode_labels,
@@ -145,17 +146,34 @@ def test_keep_one_channel_keeps_one_channel():
     assert torch.equal(KeepOneChannel(0.0)(image), image)
 
 
-def test_masks_are_drawn_per_image_and_reproducible_from_the_seed():
-    collate = MaskedPatchCollator(num_patches=16, num_masked_patches=4)
-    examples = [{"pixel_values": torch.zeros(3, 32, 32)} for _ in range(8)]
-    torch.manual_seed(7)
-    first = collate(examples)["bool_masked_pos"]
-    torch.manual_seed(7)
-    assert torch.equal(collate(examples)["bool_masked_pos"], first)
-    torch.manual_seed(8)
-    assert not torch.equal(collate(examples)["bool_masked_pos"], first)
-    assert first.sum(dim=1).tolist() == [4] * 8
-    assert len({tuple(row.tolist()) for row in first}) > 1
+def masked_images(seed: int, batches: int = 2) -> list[torch.Tensor]:
+    """The masks of `batches` batches of 8 images, transformed on a stream seeded with `seed`."""
+    images = Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 8}).cast_column("image", ImageFeature())
+    transform = image_transform(get_preset("cifar10").image_processor(), train=True)
+    dataset = with_image_transform(images, transform, "image", stream=RandomStream(seed), masks=(16, 4))
+    return [collate_images([dataset[i] for i in range(8)])["bool_masked_pos"] for _ in range(batches)]
+
+
+def test_masks_are_drawn_per_image_from_the_data_stream():
+    first, second = masked_images(seed=7)
+    assert first.shape == (8, 16) and first.sum(dim=1).tolist() == [4] * 8
+    assert len({tuple(row.tolist()) for row in first}) > 1  # every image its own mask
+    assert not torch.equal(first, second)  # every batch new masks
+    torch.manual_seed(123)  # the model's generator does not move the data stream
+    assert all(torch.equal(a, b) for a, b in zip(masked_images(seed=7), (first, second)))
+    assert not torch.equal(masked_images(seed=8)[0], first)
+
+
+def test_random_stream_leaves_the_global_generator_alone():
+    stream = RandomStream(seed=0)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    with stream.active():
+        drawn = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected)
+    with RandomStream(seed=0).active():
+        assert torch.equal(torch.rand(3), drawn)
 
 
 def test_default_dataset_is_the_embedded_digits():

@@ -119,10 +119,12 @@ def test_labelled_subset_is_class_balanced_and_independent_of_the_training_seed(
         assert chosen.count(digit) == round(0.05 * all_labels.count(digit))
 
 
-def test_resume_after_an_interruption_continues_from_the_saved_step(tmp_path, image_folder):
-    output = tmp_path / "run"
+def test_resume_after_an_interruption_continues_from_the_saved_step_to_the_same_end(tmp_path, image_folder):
     flags = ["--train_dir", str(image_folder), "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1",
-             "--per_device_train_batch_size", "8", "--do_eval", "False"]
+             "--per_device_train_batch_size", "8"]
+    uninterrupted = pretrain(tmp_path / "uninterrupted", *flags)
+
+    output = tmp_path / "interrupted"
     pretrain(output, *flags)
     # What a run killed after its step-3 checkpoint leaves behind, that checkpoint's state marked:
     for path in output.iterdir():
@@ -133,13 +135,18 @@ def test_resume_after_an_interruption_continues_from_the_saved_step(tmp_path, im
     state["log_history"][0]["marker"] = "from checkpoint-3"
     state_file.write_text(json.dumps(state))
 
-    pretrain(output, *flags)  # the same command again
+    resumed = pretrain(output, *flags)  # the same command again
 
     state = read_json(output / "trainer_state.json")
     assert state["global_step"] == 6
     assert state["log_history"][0]["marker"] == "from checkpoint-3"  # steps 1-3 come from the checkpoint ...
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4, 5, 6]  # ... 4-6 once
-    assert (output / "model.safetensors").is_file()
+    # ... and end where the uninterrupted run ended (same batches, augmentation and masks; CPU arithmetic):
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    for name, tensor in load_file(output / "model.safetensors").items():
+        assert torch.equal(tensor, expected[name]), name
+    for metric in ("eval_loss", "eval_candidate_accuracy"):
+        assert resumed[metric] == uninterrupted[metric]
 
 
 def test_arguments_from_a_json_file(tmp_path, parquet_folder):
