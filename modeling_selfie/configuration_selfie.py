@@ -1,5 +1,6 @@
 """Selfie model configuration and the paper's three preset settings."""
 
+import math
 from dataclasses import dataclass
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -205,7 +206,8 @@ def _fail(field: str, value, requirement: str):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_positive_int(value) -> bool:

@@ -280,7 +280,7 @@ UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.Decompression
 def read_image(entry: dict) -> Image.Image:
     """Decode an undecoded `datasets` image (`{"bytes", "path"}`) completely, so that a truncated file fails here,
     and as RGB: 16-bit grayscale is scaled to 8 bits, every other mode (L, LA, P, RGBA, CMYK, ...) converted."""
-    image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"])
+    image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"])
     image.load()
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
         pixels = np.asarray(image, dtype=np.float32)

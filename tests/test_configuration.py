@@ -37,6 +37,8 @@ from modeling_selfie import PRESETS, SelfieConfig, get_preset
         ("layer_norm_eps", 0),
         ("initializer_range", -1.0),
         ("score_temperature", 0.0),
+        ("score_temperature", float("nan")),
+        ("mlp_ratio", float("inf")),
     ],
 )
 def test_bad_field_raises_value_error_naming_it(field, value):

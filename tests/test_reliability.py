@@ -154,7 +154,22 @@ def test_an_incompletely_saved_checkpoint_is_skipped_on_resume(tmp_path):
     assert state["global_step"] == 4 and state["log_history"][0] == {"marker": 2}
 
 
-def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path):
+def test_code_in_a_checkpoint_never_runs(tmp_path, pretrained):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for path in pretrained.iterdir():
+        if path.is_file():
+            (checkpoint / path.name).write_bytes(path.read_bytes())
+    marker = tmp_path / "code-ran"
+    for code_file in ("modeling_selfie.py", "configuration_selfie.py"):
+        (checkpoint / code_file).write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + (checkpoint / code_file).read_text())
+    fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert not marker.exists()  # the scripts use this repository's code, never the checkpoint's
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, signum):
     output = tmp_path / "run"
 
     def command(max_steps: int) -> list[str]:
@@ -167,11 +182,11 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path):
     for line in process.stdout:  # wait until training runs
         if "'loss'" in line:
             break
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
 
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "Stopped by SIGTERM at step" in stderr and "run the same command again to resume" in stderr
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert f"Stopped by {signum.name} at step" in stderr and "run the same command again to resume" in stderr
     checkpoints = list(output.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and not (output / "model.safetensors").exists()
     step = int(checkpoints[0].name.split("-")[1])
