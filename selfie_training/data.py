@@ -99,27 +99,25 @@ def load_splits(args: DataArguments) -> dict:
         raise ValueError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
-    _check_not_empty(train, "train")
     if validation is None:
         train, validation = _hold_out(train, args)
-    _check_not_empty(validation, "validation")
-    return {
+    splits = {
         "train": _limit(train, args.max_train_samples, args.split_seed),
         "validation": _limit(validation, args.max_eval_samples, args.split_seed),
     }
+    for name, split in splits.items():
+        if not isinstance(split, IterableDataset) and len(split) == 0:
+            raise ValueError(f"The {name} split of the dataset is empty.")
+    return splits
 
 
 def _load(flag: str, path: str, args: DataArguments, **kwargs):
     # On a local folder, `load_dataset` picks the builder from its files: imagefolder, parquet, arrow, ...
     try:
         return load_dataset(path, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # no such dataset or files; no data in them
         raise ValueError(f"{flag} {path}: {str(error).strip().splitlines()[0]}") from error
 
-
-def _check_not_empty(dataset, split: str):
-    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
-        raise ValueError(f"The {split} split of the dataset is empty.")
 
 
 def _hold_out(train, args: DataArguments):

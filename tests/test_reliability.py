@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
 from conftest import QUIET_FLAGS, TINY_MODEL_FLAGS
 from safetensors.torch import load_file
 
@@ -195,3 +197,16 @@ def test_a_signal_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, signu
     resumed = subprocess.run(command(step + 2), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == step + 2
+
+
+def test_an_empty_split_is_refused(tmp_path, image_folder):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    features = Features({"img": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
+    Dataset.from_dict({"img": [], "label": []}, features=features).to_parquet(folder / "train.parquet")
+    with pytest.raises(ValueError, match=r"^--dataset_name .*empty: Instruction \"train\" corresponds to no data!$"):
+        pretrain(tmp_path / "run", "--dataset_name", str(folder), "--max_steps", "1")
+    with pytest.raises(ValueError, match=r"^--validation_dir .*empty: Instruction \"train\" corresponds to no data!$"):
+        pretrain(tmp_path / "run", "--train_dir", str(image_folder), "--validation_dir", str(folder), "--max_steps", "1")
+    with pytest.raises(ValueError, match=r"^The train split of the dataset is empty\.$"):
+        pretrain(tmp_path / "run", "--train_dir", str(image_folder), "--max_train_samples", "0", "--max_steps", "1")
