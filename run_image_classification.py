@@ -19,7 +19,6 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
 from selfie_training.data import (
-    DIGITS,
     DataArguments,
     RandomStream,
     check_labels,
@@ -122,7 +121,6 @@ def main(args: list[str] | None = None) -> dict:
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
     stream = RandomStream(training_args.seed)
-    dataset = data_args.dataset_name or data_args.train_dir or DIGITS
     trainer = SelfieTrainer(
         model=model,
         args=training_args,
@@ -135,8 +133,8 @@ def main(args: list[str] | None = None) -> dict:
         max_unreadable_fraction=data_args.max_unreadable_fraction,
         card={
             "task": "classification",
-            "dataset": dataset,
-            "dataset_description": f"{_labelled_share(finetuning_args)} of the training images of {dataset} "
+            "dataset": data_args.source,
+            "dataset_description": f"{_labelled_share(finetuning_args)} of the training images of {data_args.source} "
             f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
             "origin": f"pretrained with Selfie ({model_args.model_name_or_path})"
             if model_args.model_name_or_path

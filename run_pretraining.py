@@ -15,7 +15,6 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import SelfieForMaskedPatchPrediction
 from selfie_training.data import (
-    DIGITS,
     DataArguments,
     RandomStream,
     choose_preset,
@@ -76,9 +75,9 @@ def main(args: list[str] | None = None) -> dict:
         max_unreadable_fraction=data_args.max_unreadable_fraction,
         card={
             "task": "pretraining",
-            "dataset": data_args.dataset_name or data_args.train_dir or DIGITS,
+            "dataset": data_args.source,
             "dataset_description": (
-                f"Images of {data_args.dataset_name or data_args.train_dir or DIGITS}, labels unused; "
+                f"Images of {data_args.source}, labels unused; "
                 f"{config.num_masked_patches} of {config.num_patches} patches hidden in every image."
             ),
         },

@@ -83,6 +83,11 @@ class DataArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded datasets."})
 
+    @property
+    def source(self) -> str:
+        """The data's name in model cards: the dataset, the training folder, or the embedded digits."""
+        return self.dataset_name or self.train_dir or DIGITS
+
 
 def load_splits(args: DataArguments) -> dict:
     """The `train` and `validation` splits the arguments name; validation carved from train if absent."""
