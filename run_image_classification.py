@@ -39,6 +39,7 @@ from selfie_training.runner import (
     ModelArguments,
     build_config,
     find_last_checkpoint,
+    load_selfie_config,
     load_image_processor,
     parse_arguments,
     run,
@@ -115,6 +116,8 @@ def main(args: list[str] | None = None) -> dict:
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     if finetuning_args.classifier_head is not None:
         labels["classifier_head"] = finetuning_args.classifier_head
+    if model_args.model_name_or_path is not None and not model_args.ignore_mismatched_sizes:
+        check_classes_fit(model_args.model_name_or_path, len(names))
     config = build_config(model_args, preset, **labels)
     model = build_model(SelfieForImageClassification, model_args, config)
     image_processor = load_image_processor(model_args, preset)
@@ -142,6 +145,16 @@ def main(args: list[str] | None = None) -> dict:
         },
     )
     return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+
+
+def check_classes_fit(checkpoint: str, num_classes: int):
+    """A classifier checkpoint must have as many classes as the dataset, unless its head is to start afresh."""
+    config = load_selfie_config(checkpoint, "--model_name_or_path")
+    if SelfieForImageClassification.__name__ in (config.architectures or []) and config.num_labels != num_classes:
+        raise ValueError(
+            f"--model_name_or_path {checkpoint} classifies {config.num_labels} classes but the dataset has "
+            f"{num_classes}: add --ignore_mismatched_sizes to start the classifier afresh."
+        )
 
 
 def _size(dataset) -> str:

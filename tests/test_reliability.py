@@ -90,6 +90,16 @@ def test_missing_or_corrupt_weights_are_named(tmp_path, pretrained, damage):
         fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
 
 
+def test_a_classifier_for_other_classes_needs_ignore_mismatched_sizes(tmp_path, parquet_folder):
+    digits = tmp_path / "digits"
+    fine_tune(digits, *TINY_MODEL_FLAGS, "--max_steps", "1", "--do_eval", "False")  # 10 classes
+    flags = ["--model_name_or_path", str(digits), "--dataset_name", str(parquet_folder), "--max_steps", "1"]  # 6
+    with pytest.raises(ValueError, match=r"classifies 10 classes but the dataset has 6: add --ignore_mismatched_sizes"):
+        fine_tune(tmp_path / "run", *flags)
+    metrics = fine_tune(tmp_path / "run", *flags, "--ignore_mismatched_sizes")
+    assert 0 <= metrics["eval_accuracy"] <= 1
+
+
 def test_validation_labels_outside_the_classes_are_refused(tmp_path, image_folder):
     validation = tmp_path / "validation"
     for name in ("class_0", "class_9"):
