@@ -54,6 +54,23 @@ TINY_MODEL = {
 }
 TINY_MODEL_FLAGS = [item for name, value in TINY_MODEL.items() for item in (f"--{name}", value)]
 QUIET_FLAGS = ["--report_to", "none", "--disable_tqdm", "True", "--per_device_eval_batch_size", "16"]
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def pretrain(output_dir: Path, *flags: str) -> dict:
+    """run_pretraining.py in this process, tiny and quiet, training and evaluating."""
+    import run_pretraining
+
+    return run_pretraining.main(
+        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *TINY_MODEL_FLAGS, *QUIET_FLAGS, *flags]
+    )
+
+
+def fine_tune(output_dir: Path, *flags: str) -> dict:
+    """run_image_classification.py in this process, quiet, training and evaluating."""
+    import run_image_classification
+
+    return run_image_classification.main(["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags])
 
 
 def class_images(num_classes: int, per_class: int, size=(40, 36), seed: int = 0):

@@ -10,26 +10,11 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
-from conftest import QUIET_FLAGS, TINY_MODEL_FLAGS
+from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 from safetensors.torch import load_file
 
-import run_image_classification
-import run_pretraining
 from modeling_selfie import SelfieForMaskedPatchPrediction
 from selfie_training.trainer import TrainingStopped
-
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def pretrain(output_dir, *flags):
-    return run_pretraining.main(
-        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *TINY_MODEL_FLAGS, *QUIET_FLAGS, *flags]
-    )
-
-
-def fine_tune(output_dir, *flags):
-    return run_image_classification.main(["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags])
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET_FLAGS, TINY_MODEL, TINY_MODEL_FLAGS
+from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS, fine_tune, pretrain
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import run_image_classification
 import run_pretraining
 import run_sweep
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.data import DataArguments, load_splits
-
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def pretrain(output_dir: Path, *flags: str) -> dict:
-    return run_pretraining.main(
-        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *TINY_MODEL_FLAGS, *QUIET_FLAGS, *flags]
-    )
-
-
-def fine_tune(output_dir: Path, *flags: str) -> dict:
-    return run_image_classification.main(
-        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags]
-    )
 
 
 def read_json(path: Path) -> dict:
