@@ -34,15 +34,15 @@ from selfie_training.data import (
 )
 from selfie_training.metrics import compute_accuracy, top_classes
 from selfie_training.runner import (
-    build_model,
-    save_json,
     ModelArguments,
     build_config,
+    build_model,
     find_last_checkpoint,
-    load_selfie_config,
     load_image_processor,
+    load_selfie_config,
     parse_arguments,
     run,
+    save_json,
     setup,
     train_and_evaluate,
 )

@@ -26,9 +26,9 @@ from selfie_training.data import (
 )
 from selfie_training.metrics import candidate_hits, compute_candidate_accuracy
 from selfie_training.runner import (
-    build_model,
     ModelArguments,
     build_config,
+    build_model,
     find_last_checkpoint,
     load_image_processor,
     parse_arguments,
@@ -43,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 
 def main(args: list[str] | None = None) -> dict:
+    return train_and_evaluate(*build_trainer(args))
+
+
+def build_trainer(args: list[str] | None = None) -> tuple:
+    """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
+    resume from (the benchmarks time this trainer's steps)."""
     model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), args)
     setup(training_args)
     # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
@@ -82,7 +88,7 @@ def main(args: list[str] | None = None) -> dict:
             ),
         },
     )
-    return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+    return trainer, training_args, image_processor, checkpoint
 
 
 if __name__ == "__main__":
