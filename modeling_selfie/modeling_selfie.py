@@ -117,12 +117,17 @@ def create_patch_network(config: SelfieConfig) -> nn.Module:
     return resnet
 
 
-def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+def patchify(pixel_values: torch.Tensor, patch_size: int, channels_last: bool = False) -> torch.Tensor:
     """Cut `(batch, channels, height, width)` images into `(batch * num_patches, channels, p, p)` patches, each
-    image's patches in row-major grid order."""
+    image's patches in row-major grid order, laid out in memory as `channels_last` says."""
     batch_size, channels, height, width = pixel_values.shape
     rows, columns = height // patch_size, width // patch_size
+    # Splitting height and width is a view in either input layout; gathering the patches is the one copy, and it
+    # writes them in the layout that P's convolutions run in, so that they need no conversion of their own.
     patches = pixel_values.reshape(batch_size, channels, rows, patch_size, columns, patch_size)
+    if channels_last:
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch_size * rows * columns, patch_size, patch_size, channels)
+        return patches.permute(0, 3, 1, 2)
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size * rows * columns, channels, patch_size, patch_size)
 
 
@@ -290,8 +295,12 @@ class SelfieModel(SelfiePreTrainedModel):
             raise ValueError(
                 f"pixel_values are {tuple(pixel_values.shape[-2:])} images but the model's image_size is {expected}."
             )
-        # All patches of all images go through P in one batch.
-        features = self.feature_map(patchify(pixel_values, self.config.patch_size)).mean(dim=(2, 3))
+        # All patches of all images go through P in one batch, in the memory format of P's weights (channels_last
+        # after `model.to(memory_format=torch.channels_last)`).
+        stem_weight = next(self.patch_network.parameters())
+        channels_last = stem_weight.is_contiguous(memory_format=torch.channels_last) and not stem_weight.is_contiguous()
+        patches = patchify(pixel_values, self.config.patch_size, channels_last)
+        features = self.feature_map(patches).mean(dim=(2, 3))
         return self.patch_projection(features).view(pixel_values.shape[0], self.config.num_patches, -1)
 
     def summarize_feature_map(self, feature_map: torch.Tensor) -> torch.Tensor:
@@ -340,11 +349,14 @@ class SelfieModel(SelfiePreTrainedModel):
                 f"got {bool_masked_pos.dtype} of shape {tuple(bool_masked_pos.shape)}."
             )
         counts = bool_masked_pos.sum(dim=1)
-        if not torch.all(counts == self.config.num_masked_patches):
-            raise ValueError(
-                f"bool_masked_pos must hide exactly num_masked_patches={self.config.num_masked_patches} patches in "
-                f"every image, got {sorted(set(counts.tolist()))}."
-            )
+        message = f"bool_masked_pos must hide exactly num_masked_patches={self.config.num_masked_patches} patches in every image"
+        if bool_masked_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not torch.all(counts == self.config.num_masked_patches):
+                raise ValueError(f"{message}, got {sorted(set(counts.tolist()))}.")
+        else:
+            # On an accelerator (or in a compiled graph) the check runs on the device, in the step's stream: reading
+            # the counts back would make the host wait for the device at every step. A bad mask fails the step.
+            torch._assert_async(torch.all(counts == self.config.num_masked_patches), f"{message}.")
 
 
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
