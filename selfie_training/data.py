@@ -4,6 +4,7 @@ import io
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -107,8 +108,8 @@ def load_splits(args: DataArguments) -> dict:
     if validation is None:
         train, validation = _hold_out(train, args)
     splits = {
-        "train": _limit(train, args.max_train_samples, args.split_seed),
-        "validation": _limit(validation, args.max_eval_samples, args.split_seed),
+        "train": limit_samples(train, args.max_train_samples, args.split_seed),
+        "validation": limit_samples(validation, args.max_eval_samples, args.split_seed),
     }
     for name, split in splits.items():
         if not isinstance(split, IterableDataset) and len(split) == 0:
@@ -138,7 +139,8 @@ def _hold_out(train, args: DataArguments):
     return split["train"], split["test"]
 
 
-def _limit(dataset, max_samples: int | None, seed: int):
+def limit_samples(dataset, max_samples: int | None, seed: int):
+    """At most `max_samples` images of the dataset, drawn with `seed` (the first ones of a stream)."""
     if max_samples is None:
         return dataset
     if isinstance(dataset, IterableDataset):
@@ -214,6 +216,17 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
     return encoded.cast_column(label_column, ClassLabel(names=names)), names
 
 
+def encode_label_splits(train, validation, label_column: str) -> tuple:
+    """Both splits with `ClassLabel` labels of train's classes, checked, and the class names."""
+    train, names = encode_labels(train, label_column)
+    validation, validation_names = encode_labels(validation, label_column, names)
+    if validation_names != names:
+        raise ValueError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
+    check_labels(train, label_column, names, "train")
+    check_labels(validation, label_column, names, "validation")
+    return train, validation, names
+
+
 def check_labels(dataset, label_column: str, names: list[str], split: str):
     """Every label of a (not streamed) split must be one of the model's classes."""
     if isinstance(dataset, IterableDataset):
@@ -241,6 +254,48 @@ def labelled_indices(dataset: Dataset, label_column: str, seed: int, fraction: f
             raise ValueError(f"{flag} asks for {count} images of class {label} but it has {len(members)}.")
         chosen.append(generator.choice(members, size=count, replace=False))
     return sorted(np.concatenate(chosen).tolist())
+
+
+@dataclass
+class LabelledSubsetArguments:
+    label_fraction: float | None = field(
+        default=None, metadata={"help": "Use this share of the labels of every class, e.g. 0.05."}
+    )
+    labels_per_class: int | None = field(
+        default=None, metadata={"help": "Use this many labelled images of every class, e.g. 60."}
+    )
+    label_seed: int = field(default=0, metadata={"help": "Seed of the labelled subset, apart from --seed."})
+
+    def __post_init__(self):
+        if self.label_fraction is not None and self.labels_per_class is not None:
+            raise ValueError("Give --label_fraction or --labels_per_class, not both.")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(f"--label_fraction {self.label_fraction} must be in (0, 1].")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ValueError(f"--labels_per_class {self.labels_per_class} must be at least 1.")
+
+    @property
+    def selects_subset(self) -> bool:
+        return self.label_fraction is not None or self.labels_per_class is not None
+
+    def select(self, train, label_column: str) -> tuple:
+        """The labelled subset of train the flags ask for and its row indices; train itself and None without
+        --label_fraction or --labels_per_class."""
+        if not self.selects_subset:
+            return train, None
+        if isinstance(train, IterableDataset):
+            raise ValueError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
+        indices = labelled_indices(train, label_column, self.label_seed, self.label_fraction, self.labels_per_class)
+        logger.info("Labelled subset: %d images (label seed %d).", len(indices), self.label_seed)
+        return train.select(indices), indices
+
+    def describe(self) -> str:
+        """The subset in words, for model cards."""
+        if self.labels_per_class is not None:
+            return f"{self.labels_per_class} labelled images of every class"
+        if self.label_fraction is not None:
+            return f"A class-balanced {self.label_fraction:.0%} (label seed {self.label_seed})"
+        return "All"
 
 
 class KeepOneChannel(torch.nn.Module):
@@ -334,30 +389,42 @@ def with_image_transform(
     (`bool_masked_pos`) drawn from `stream`. An image that cannot be read yields `pixel_values=None` and its name
     in `unreadable`, for the collator to drop."""
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    transform_batch = TransformBatch(transform, image_column, label_column, stream, masks)
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(transform_batch, batched=True, remove_columns=_column_names(dataset))
+    return dataset.with_transform(transform_batch)
 
-    def transform_batch(batch: dict) -> dict:
-        entries = batch[image_column]
+
+@dataclass
+class TransformBatch:
+    """`with_image_transform`'s transform of a batch of examples. A class, not a closure, so that DataLoader workers
+    started by spawning or by a fork server (macOS, Python 3.14's default on Linux) can unpickle it."""
+
+    transform: Callable
+    image_column: str
+    label_column: str | None
+    stream: RandomStream | None
+    masks: tuple[int, int] | None
+
+    def __call__(self, batch: dict) -> dict:
+        entries = batch[self.image_column]
         pixel_values, unreadable = [], []
-        with stream.active() if stream is not None else nullcontext():
+        with self.stream.active() if self.stream is not None else nullcontext():
             for entry in entries:
                 try:
-                    pixel_values.append(transform(read_image(entry)))
+                    pixel_values.append(self.transform(read_image(entry)))
                     unreadable.append(None)
                 except UNREADABLE_IMAGE_ERRORS as error:
                     pixel_values.append(None)
                     unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
             result = {"pixel_values": pixel_values, "unreadable": unreadable}
-            if masks is not None:
-                result["bool_masked_pos"] = list(random_patch_mask(len(entries), *masks))
-        if stream is not None:
-            result["stream_state"] = [stream.state] * len(entries)
-        if label_column is not None:
-            result["labels"] = batch[label_column]
+            if self.masks is not None:
+                result["bool_masked_pos"] = list(random_patch_mask(len(entries), *self.masks))
+        if self.stream is not None:
+            result["stream_state"] = [self.stream.state] * len(entries)
+        if self.label_column is not None:
+            result["labels"] = batch[self.label_column]
         return result
-
-    if isinstance(dataset, IterableDataset):
-        return dataset.map(transform_batch, batched=True, remove_columns=_column_names(dataset))
-    return dataset.with_transform(transform_batch)
 
 
 def collate_images(examples: list[dict]) -> dict:
