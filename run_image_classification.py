@@ -12,7 +12,6 @@ so every method sees the same images. Runs with `python` or `accelerate launch`;
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments, set_seed
@@ -20,15 +19,14 @@ from transformers import TrainingArguments, set_seed
 from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
 from selfie_training.data import (
     DataArguments,
+    LabelledSubsetArguments,
     RandomStream,
-    check_labels,
     choose_preset,
     collate_images,
-    encode_labels,
+    encode_label_splits,
     find_image_column,
     find_label_column,
     image_transform,
-    labelled_indices,
     load_splits,
     with_image_transform,
 )
@@ -42,7 +40,7 @@ from selfie_training.runner import (
     load_selfie_config,
     parse_arguments,
     run,
-    save_json,
+    save_labelled_subset,
     setup,
     train_and_evaluate,
 )
@@ -53,14 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FineTuningArguments:
-    label_fraction: float | None = field(
-        default=None, metadata={"help": "Train on this share of the labels of every class, e.g. 0.05."}
-    )
-    labels_per_class: int | None = field(
-        default=None, metadata={"help": "Train on this many labelled images of every class, e.g. 60."}
-    )
-    label_seed: int = field(default=0, metadata={"help": "Seed of the labelled subset, apart from --seed."})
+class FineTuningArguments(LabelledSubsetArguments):
     classifier_head: str | None = field(
         default=None,
         metadata={
@@ -69,14 +60,6 @@ class FineTuningArguments:
             "choices": list(CLASSIFIER_HEADS),
         },
     )
-
-    def __post_init__(self):
-        if self.label_fraction is not None and self.labels_per_class is not None:
-            raise ValueError("Give --label_fraction or --labels_per_class, not both.")
-        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
-            raise ValueError(f"--label_fraction {self.label_fraction} must be in (0, 1].")
-        if self.labels_per_class is not None and self.labels_per_class < 1:
-            raise ValueError(f"--labels_per_class {self.labels_per_class} must be at least 1.")
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -90,27 +73,10 @@ def main(args: list[str] | None = None) -> dict:
     splits = load_splits(data_args)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     label_column = find_label_column(splits["train"], data_args.label_column_name)
-    train, names = encode_labels(splits["train"], label_column)
-    validation, validation_names = encode_labels(splits["validation"], label_column, names)
-    if validation_names != names:
-        raise ValueError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
-    check_labels(train, label_column, names, "train")
-    check_labels(validation, label_column, names, "validation")
-    if finetuning_args.label_fraction is not None or finetuning_args.labels_per_class is not None:
-        if data_args.streaming:
-            raise ValueError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
-        indices = labelled_indices(
-            train,
-            label_column,
-            finetuning_args.label_seed,
-            fraction=finetuning_args.label_fraction,
-            per_class=finetuning_args.labels_per_class,
-        )
-        train = train.select(indices)
-        logger.info("Labelled subset: %d images (label seed %d).", len(train), finetuning_args.label_seed)
-        if training_args.should_save:
-            subset = {"label_seed": finetuning_args.label_seed, "train_indices": indices}
-            save_json(os.path.join(training_args.output_dir, "labelled_subset.json"), subset)
+    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    train, indices = finetuning_args.select(train, label_column)
+    if indices is not None and training_args.should_save:
+        save_labelled_subset(training_args.output_dir, finetuning_args.label_seed, indices)
 
     preset = choose_preset(data_args, splits["train"], image_column)
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
@@ -118,7 +84,8 @@ def main(args: list[str] | None = None) -> dict:
         labels["classifier_head"] = finetuning_args.classifier_head
     if model_args.model_name_or_path is not None and not model_args.ignore_mismatched_sizes:
         check_classes_fit(model_args.model_name_or_path, len(names))
-    config = build_config(model_args, preset, **labels)
+    stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
+    config = build_config(model_args, preset, stage, **labels)
     model = build_model(SelfieForImageClassification, model_args, config)
     image_processor = load_image_processor(model_args, preset)
 
@@ -137,11 +104,8 @@ def main(args: list[str] | None = None) -> dict:
         card={
             "task": "classification",
             "dataset": data_args.source,
-            "dataset_description": f"{_labelled_share(finetuning_args)} of the training images of {data_args.source} "
+            "dataset_description": f"{finetuning_args.describe()} of the training images of {data_args.source} "
             f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
-            "origin": f"pretrained with Selfie ({model_args.model_name_or_path})"
-            if model_args.model_name_or_path
-            else "trained from scratch",
         },
     )
     return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
@@ -159,14 +123,6 @@ def check_classes_fit(checkpoint: str, num_classes: int):
 
 def _size(dataset) -> str:
     return f"{len(dataset)} images" if hasattr(dataset, "__len__") else "streamed"
-
-
-def _labelled_share(args: FineTuningArguments) -> str:
-    if args.labels_per_class is not None:
-        return f"{args.labels_per_class} labelled images of every class"
-    if args.label_fraction is not None:
-        return f"A class-balanced {args.label_fraction:.0%} (label seed {args.label_seed})"
-    return "All"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ scikit-learn's handwritten digits.
 """
 
 import logging
+from dataclasses import dataclass, field
 
+from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import SelfieForMaskedPatchPrediction
@@ -24,6 +26,7 @@ from selfie_training.data import (
     load_splits,
     with_image_transform,
 )
+from selfie_training.evaluation import KNNMonitorArguments, build_knn_monitor
 from selfie_training.metrics import candidate_hits, compute_candidate_accuracy
 from selfie_training.runner import (
     ModelArguments,
@@ -41,6 +44,21 @@ from selfie_training.trainer import PretrainingTrainer
 
 logger = logging.getLogger(__name__)
 
+# The norm layers of the three `backbone_norm` choices (timm's LayerNorm2d is a LayerNorm).
+NORM_LAYER_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class PretrainingArguments:
+    train_norm_only: bool = field(
+        default=False,
+        metadata={
+            "help": "HPT's cheap stage: train only the patch network's norm layers (their scales and shifts, and "
+            "BatchNorm's running statistics) on this data; every other weight stays frozen. Meant to adapt a "
+            "--model_name_or_path checkpoint to new data."
+        },
+    )
+
 
 def main(args: list[str] | None = None) -> dict:
     return train_and_evaluate(*build_trainer(args))
@@ -49,7 +67,9 @@ def main(args: list[str] | None = None) -> dict:
 def build_trainer(args: list[str] | None = None) -> tuple:
     """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
     resume from (the benchmarks time this trainer's steps)."""
-    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), args)
+    model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(
+        (ModelArguments, PretrainingArguments, DataArguments, KNNMonitorArguments, TrainingArguments), args
+    )
     setup(training_args)
     # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
     # the metrics, and compute the evaluation loss, as it does for labels.
@@ -60,8 +80,13 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     splits = load_splits(data_args)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
-    config = build_config(model_args, preset)
+    stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
+    config = build_config(model_args, preset, stage if training_args.do_train else None)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
+    if pretraining_args.train_norm_only:
+        if model_args.model_name_or_path is None:
+            logger.warning("--train_norm_only without --model_name_or_path: A and the embeddings stay as initialised.")
+        train_norm_layers_only(model)
     image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
@@ -88,7 +113,23 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             ),
         },
     )
+    if monitor_args.knn_monitor_samples is not None:
+        trainer.add_callback(build_knn_monitor(trainer, splits, data_args, image_column, image_processor, monitor_args))
     return trainer, training_args, image_processor, checkpoint
+
+
+def train_norm_layers_only(model: SelfieForMaskedPatchPrediction):
+    """Freeze every parameter but those of the patch network's norm layers. Only P's norms: they carry the statistics
+    of the data that HPT's cheap stage adapts, and P is what classifiers take over; A's LayerNorms normalise each
+    token on its own (no data statistics) and belong to the pretraining head, which could otherwise absorb the
+    change. Frozen parameters get no gradient, so the Trainer's optimizer skips them and DDP leaves them out."""
+    model.requires_grad_(False)
+    for module in model.selfie.patch_network.modules():
+        if isinstance(module, NORM_LAYER_TYPES):
+            module.requires_grad_(True)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("--train_norm_only: training %s of %s parameters (P's norm layers).", f"{trainable:,}", f"{total:,}")
 
 
 if __name__ == "__main__":

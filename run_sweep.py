@@ -24,7 +24,7 @@ import numpy as np
 
 import run_image_classification
 import run_pretraining
-from selfie_training.model_card import set_comparison
+from selfie_training.model_card import set_section
 
 
 matplotlib.use("Agg")  # files only, no display
@@ -170,7 +170,7 @@ def main(args: list[str] | None = None) -> list[dict]:
         for seed in sweep.seeds
     ]
     for card in filter(os.path.exists, cards):
-        set_comparison(card, table)
+        set_section(card, "comparison", table)
     print(f"\n{table}\n\nWritten to {sweep.output_dir}: results.json, results.md, results.png")
     return rows
 

@@ -16,6 +16,7 @@ from .modeling_selfie import (
     SelfiePreTrainedModel,
     random_patch_mask,
 )
+from .timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
 
 
 transformers.AutoConfig.register(SelfieConfig.model_type, SelfieConfig)
@@ -34,5 +35,8 @@ __all__ = [
     "SelfiePreTrainedModel",
     "SelfiePreset",
     "get_preset",
+    "load_timm_weights",
     "random_patch_mask",
+    "save_timm_weights",
+    "timm_state_dict",
 ]

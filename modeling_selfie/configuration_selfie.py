@@ -13,6 +13,13 @@ STEMS = ("imagenet", "cifar")
 BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
 POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
+TIMM_WEIGHTS = "timm"  # the "weights" of a "timm_weights" stage that started from timm's own pretrained weights
+# The fields of each kind of `training_stages` entry, beside "task", and their types.
+TRAINING_STAGE_FIELDS = {
+    "timm_weights": {"weights": str},
+    "pretraining": {"dataset": str, "norm_only": bool},
+    "classification": {"dataset": str},
+}
 
 
 class SelfieConfig(PreTrainedConfig):
@@ -88,6 +95,14 @@ class SelfieConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialisation of linear layers, position embeddings and u0.
             Convolutions are initialised as timm initialises its ResNets.
+        training_stages (`list[dict]`, *optional*):
+            Where the weights came from, oldest stage first; the training scripts append their own stage, and the
+            model cards show the chain. Saved with every checkpoint, so that it travels with the weights. Each entry
+            is a small dict with a `"task"`: `{"task": "timm_weights", "weights": "timm" or a file}` (the ResNet
+            started from timm's pretrained weights or from a timm checkpoint file; first only), `{"task":
+            "pretraining", "dataset": name, "norm_only": bool}` (Selfie pretraining; `norm_only`: only the patch
+            network's norm layers trained) or `{"task": "classification", "dataset": name}` (fine-tuning with
+            labels). Defaults to no stages: fresh weights.
 
     Example:
 
@@ -122,10 +137,13 @@ class SelfieConfig(PreTrainedConfig):
     classifier_head: str = "resnet"
     classifier_dropout_prob: float = 0.0
     initializer_range: float = 0.02
+    training_stages: list[dict] | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
             self.image_size = list(self.image_size)
+        if self.training_stages is None:
+            self.training_stages = []
         super().__post_init__(**kwargs)
         self._check_fields()
         if self.num_masked_patches is None:
@@ -189,6 +207,22 @@ class SelfieConfig(PreTrainedConfig):
                 _fail(name, value, "must be a positive number")
         if self.score_temperature is not None and (not _is_number(self.score_temperature) or self.score_temperature <= 0):
             _fail("score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)")
+        self._check_training_stages()
+
+    def _check_training_stages(self):
+        if not isinstance(self.training_stages, list):
+            _fail("training_stages", self.training_stages, "must be a list of dicts")
+        for index, stage in enumerate(self.training_stages):
+            field = f"training_stages[{index}]"
+            task = stage.get("task") if isinstance(stage, dict) else None
+            if not isinstance(task, str) or task not in TRAINING_STAGE_FIELDS:
+                _fail(field, stage, f"must be a dict whose 'task' is one of {', '.join(map(repr, TRAINING_STAGE_FIELDS))}")
+            fields = TRAINING_STAGE_FIELDS[task]
+            if stage.keys() != {"task", *fields} or not all(isinstance(stage[name], kind) for name, kind in fields.items()):
+                expected = ", ".join(f"{name!r} ({kind.__name__})" for name, kind in fields.items())
+                _fail(field, stage, f"must hold 'task' and {expected}, nothing else")
+            if task == "timm_weights" and index > 0:
+                _fail(field, stage, "can only be the first stage: timm weights start a model afresh")
 
     def _check_masking(self):
         masked = self.num_masked_patches

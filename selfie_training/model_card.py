@@ -6,6 +6,8 @@ import re
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.modelcard import extract_hyperparameters_from_trainer, make_markdown_table, parse_log_history
 
+from modeling_selfie.configuration_selfie import TIMM_WEIGHTS
+
 
 CITATION = """@article{trinh2019selfie,
   title   = {Selfie: Self-supervised Pretraining for Image Embedding},
@@ -14,7 +16,11 @@ CITATION = """@article{trinh2019selfie,
   year    = {2019}
 }"""
 
-COMPARISON_START, COMPARISON_END = "<!-- comparison -->", "<!-- /comparison -->"
+# Sections that other scripts fill in after training (`set_section`), each between its two markers.
+SECTIONS = {
+    "comparison": "Pretraining against training from scratch",  # run_sweep.py
+    "frozen_features": "Frozen-feature evaluation",  # run_evaluation.py
+}
 
 TEMPLATE = """---
 {{ card_data }}
@@ -28,14 +34,16 @@ TEMPLATE = """---
 
 {{ results }}
 
-""" + COMPARISON_START + """
-""" + COMPARISON_END + """
-
+""" + "\n".join(f"<!-- {name} -->\n<!-- /{name} -->\n" for name in SECTIONS) + """
 ## Training data
 
 {{ dataset_description }}
 
 ## Training procedure
+
+### Stages
+
+{{ stages }}
 
 ### Hyperparameters
 
@@ -84,9 +92,10 @@ DESCRIPTIONS = {
 }
 
 
-def write_model_card(trainer, *, task: str, dataset: str, dataset_description: str, origin: str = ""):
-    """Write `README.md` into the trainer's output directory, with the results of the trainer's latest evaluation.
-    `task` is "pretraining" or "classification"."""
+def write_model_card(trainer, *, task: str, dataset: str, dataset_description: str):
+    """Write `README.md` into the trainer's output directory, with the results of the trainer's latest evaluation
+    and the chain of training stages that the model's config records. `task` is "pretraining" or
+    "classification"."""
     if not trainer.is_world_process_zero():
         return
     config = trainer.model.config
@@ -111,15 +120,41 @@ def write_model_card(trainer, *, task: str, dataset: str, dataset_description: s
         card_data,
         template_str=TEMPLATE,
         model_name=os.path.basename(os.path.normpath(output_dir)),
-        description=DESCRIPTIONS[task].format(origin=origin, head=head),
+        description=DESCRIPTIONS[task].format(origin=_origin(config), head=head),
         results=_results_table(trainer.state.log_history),
         dataset_description=dataset_description,
+        stages=f"Oldest first, each stage starting from the weights of the one before (`training_stages` in "
+        f"`config.json`):\n\n{describe_stages(config.training_stages, config.backbone)}",
         hyperparameters="\n".join(f"- {name}: {value}" for name, value in hyperparameters.items()),
         training_log=make_markdown_table(log_lines) if log_lines else "No evaluation during training.",
         usage=USAGE[task].format(path=trainer.args.hub_model_id or output_dir),
         citation=CITATION,
     )
     card.save(os.path.join(output_dir, "README.md"))
+
+
+def describe_stages(stages: list[dict], backbone: str) -> str:
+    """A chain of `SelfieConfig.training_stages`, e.g. "timm resnet50 weights from w.safetensors → Selfie pretraining
+    on X (norm layers only) → fine-tuning on Y"; a chain that does not start from timm weights starts fresh."""
+    start = [] if stages and stages[0]["task"] == "timm_weights" else ["fresh weights"]
+    return " → ".join(start + [_describe_stage(stage, backbone) for stage in stages])
+
+
+def _describe_stage(stage: dict, backbone: str) -> str:
+    if stage["task"] == "timm_weights":
+        if stage["weights"] == TIMM_WEIGHTS:
+            return f"timm's pretrained {backbone} weights"
+        return f"timm {backbone} weights from {stage['weights']}"
+    if stage["task"] == "pretraining":
+        return f"Selfie pretraining on {stage['dataset']}" + (" (norm layers only)" if stage["norm_only"] else "")
+    return f"fine-tuning on {stage['dataset']}"
+
+
+def _origin(config) -> str:
+    """Where a classifier's patch network came from: the stages before its first fine-tuning."""
+    tasks = [stage["task"] for stage in config.training_stages]
+    earlier = config.training_stages[: tasks.index("classification") if "classification" in tasks else len(tasks)]
+    return f"pretrained ({describe_stages(earlier, config.backbone)})" if earlier else "trained from scratch"
 
 
 def _results_table(log_history: list[dict]) -> str:
@@ -135,10 +170,17 @@ def _is_result(name: str) -> bool:
     return name.startswith("eval_") and not name.endswith(("_runtime", "_per_second"))
 
 
-def set_comparison(card_path: str, markdown: str):
-    """Put `markdown` (the sweep's table) into the card's comparison section, replacing what was there."""
+def set_section(card_path: str, name: str, markdown: str):
+    """Put `markdown` into the card's section `name` (one of `SECTIONS`), replacing what was there. A card written
+    before the section existed gets it before "## Training data" (at the end if it has no such heading)."""
     card = ModelCard.load(card_path)
-    section = f"{COMPARISON_START}\n## Pretraining against training from scratch\n\n{markdown}\n{COMPARISON_END}"
-    pattern = re.escape(COMPARISON_START) + ".*?" + re.escape(COMPARISON_END)
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    section = f"{start}\n## {SECTIONS[name]}\n\n{markdown}\n{end}"
+    if start not in card.text:
+        heading = "## Training data"
+        card.text = card.text.replace(heading, f"{start}\n{end}\n\n{heading}", 1) if heading in card.text else (
+            f"{card.text.rstrip()}\n\n{start}\n{end}\n"
+        )
+    pattern = re.escape(start) + ".*?" + re.escape(end)
     card.text = re.sub(pattern, lambda _: section, card.text, flags=re.DOTALL)
     card.save(card_path)

@@ -8,12 +8,14 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
 from safetensors import SafetensorError
 from transformers import AutoImageProcessor, HfArgumentParser, PreTrainedConfig, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from modeling_selfie import SelfieConfig, get_preset
+from modeling_selfie import SelfieConfig, get_preset, load_timm_weights
+from modeling_selfie.configuration_selfie import TIMM_WEIGHTS
 
 from .trainer import StopOnSignal, TrainingStopped
 
@@ -41,6 +43,26 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Start weights afresh where the checkpoint's shapes differ (another num_labels)."}
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Keep the convolution weights in channels_last memory format: faster on GPUs under --bf16."},
+    )
+    backbone_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start the ResNet (the patch network, and a classifier's stage 4) from timm weights: "
+            f"'{TIMM_WEIGHTS}' for timm's pretrained weights of --backbone (downloaded from the Hub), or a timm "
+            "checkpoint file (.safetensors, or a torch file read with weights_only=True). With the cifar stem, a stem "
+            "convolution of another shape (ImageNet's 7x7) is not loaded: the 3x3 stem starts fresh."
+        },
+    )
+
+    def __post_init__(self):
+        if self.backbone_weights is not None and self.model_name_or_path is not None:
+            raise ValueError(
+                f"--backbone_weights {self.backbone_weights} and --model_name_or_path {self.model_name_or_path} both "
+                "give the starting weights: give one."
+            )
 
 
 def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
@@ -126,34 +148,60 @@ def load_selfie_config(source: str, flag: str) -> SelfieConfig:
 
 
 def build_model(model_class, model_args: ModelArguments, config: SelfieConfig):
-    """A fresh `model_class` of `config`, or one holding the --model_name_or_path weights, read from safetensors
-    alone (never from pickle files, which can run code)."""
-    if model_args.model_name_or_path is None:
-        return model_class(config)
-    try:
-        return model_class.from_pretrained(
+    """A fresh `model_class` of `config` (its ResNet from --backbone_weights, where given), or one holding the
+    --model_name_or_path weights, in the memory format --channels_last asks for."""
+    model = _create_model(model_class, model_args, config)
+    return model.to(memory_format=torch.channels_last) if model_args.channels_last else model
+
+
+def _create_model(model_class, model_args: ModelArguments, config: SelfieConfig):
+    if model_args.model_name_or_path is not None:
+        return load_checkpoint(
+            model_class,
             model_args.model_name_or_path,
             config=config,
-            use_safetensors=True,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         )
-    except (OSError, SafetensorError) as error:
+    try:
+        model = model_class(config)
+    except OSError as error:  # with --backbone_weights timm, `config.backbone_pretrained` downloads timm's weights
         raise ValueError(
-            f"--model_name_or_path {model_args.model_name_or_path}: no readable model.safetensors ({_first_line(error)})"
+            f"--backbone_weights {TIMM_WEIGHTS}: timm's {config.backbone} weights could not be fetched ({_first_line(error)})"
         ) from error
+    if model_args.backbone_weights not in (None, TIMM_WEIGHTS):
+        try:
+            load_timm_weights(model, model_args.backbone_weights)
+        except ValueError as error:
+            raise ValueError(f"--backbone_weights {error}") from error
+        logger.info("The ResNet starts from the timm weights in %s.", model_args.backbone_weights)
+    return model
+
+
+def load_checkpoint(model_class, path: str, flag: str = "--model_name_or_path", **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)`, read from safetensors alone (never from pickle files, which can
+    run code), or a one-line error naming `flag` and `path`."""
+    try:
+        return model_class.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{flag} {path}: no readable model.safetensors ({_first_line(error)})") from error
 
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().split("\n")[0]
 
 
-def build_config(model_args: ModelArguments, preset_name: str, **fields) -> SelfieConfig:
+def build_config(model_args: ModelArguments, preset_name: str, stage: dict | None = None, **fields) -> SelfieConfig:
     """The checkpoint's config (--config_name, --model_name_or_path) or the preset's, with `fields` and the
-    --backbone, --backbone_kwargs and --config_overrides flags applied, validated as a whole."""
+    --backbone, --backbone_kwargs, --backbone_weights and --config_overrides flags applied, validated as a whole.
+    Its `training_stages` are those of the starting weights followed by `stage`, this run's training (None for a
+    run that does not train)."""
     flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     source = model_args.config_name or model_args.model_name_or_path
     config = load_selfie_config(source, flag) if source else get_preset(preset_name).config()
     values = {**config.to_dict(), **fields}
+    # Only the flag downloads timm's weights, never a config copied with --config_name from a model that started so.
+    values["backbone_pretrained"] = model_args.backbone_weights == TIMM_WEIGHTS
+    values["training_stages"] = [*_starting_stages(model_args), *([stage] if stage else [])]
     if model_args.backbone is not None:
         values["backbone"] = model_args.backbone
     if model_args.backbone_kwargs is not None:
@@ -162,6 +210,15 @@ def build_config(model_args: ModelArguments, preset_name: str, **fields) -> Self
         config.update_from_string(model_args.config_overrides)
         values.update({name: getattr(config, name) for name in _override_names(model_args.config_overrides)})
     return SelfieConfig.from_dict(values)
+
+
+def _starting_stages(model_args: ModelArguments) -> list[dict]:
+    """The training stages that the starting weights went through."""
+    if model_args.backbone_weights is not None:
+        return [{"task": "timm_weights", "weights": model_args.backbone_weights}]
+    if model_args.model_name_or_path is not None:
+        return load_selfie_config(model_args.model_name_or_path, "--model_name_or_path").training_stages
+    return []  # fresh weights, even where --config_name copies the architecture of a trained model
 
 
 def _override_names(overrides: str) -> list[str]:
@@ -212,6 +269,11 @@ def train_and_evaluate(trainer, training_args: TrainingArguments, image_processo
 
 
 def save_json(path: str, content: dict):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as file:
         json.dump(content, file, indent=2)
+
+
+def save_labelled_subset(output_dir: str, label_seed: int, indices: list[int]):
+    """`labelled_subset.json`: which training images were labelled, to compare runs or redo one."""
+    save_json(os.path.join(output_dir, "labelled_subset.json"), {"label_seed": label_seed, "train_indices": indices})

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Export the ResNet of a Selfie checkpoint as a timm state dict in safetensors, for timm users' own code.
+
+    python export_timm.py --model_name_or_path outputs/selfie-cifar10 --output_file selfie-resnet50.safetensors
+
+A pretraining checkpoint gives P (timm's `conv1`, `bn1`, `layer1`-`layer3`); a classifier with the `resnet` head
+also its stage 4 (`layer4`) and linear classifier (`fc`). The README shows the `timm.create_model` call that loads
+each kind, and how to build the CIFAR stem.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from safetensors import SafetensorError
+
+from modeling_selfie import SelfieForImageClassification, SelfieModel, save_timm_weights
+from modeling_selfie.timm_weights import timm_modules
+from selfie_training.runner import load_checkpoint, load_selfie_config, parse_arguments, run
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(metadata={"help": "A Selfie checkpoint: pretraining, or a classifier."})
+    output_file: str = field(metadata={"help": "The .safetensors file to write."})
+
+
+def main(args: list[str] | None = None) -> str:
+    (export_args,) = parse_arguments((ExportArguments,), args)
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    path, output_file = export_args.model_name_or_path, export_args.output_file
+    if not output_file.endswith(".safetensors"):
+        raise ValueError(f"--output_file {output_file} must end in .safetensors: timm reads the format from the name.")
+    config = load_selfie_config(path, "--model_name_or_path")
+    # A classifier holds stage 4 and the classifier; any other checkpoint's ResNet is P, in its base model.
+    is_classifier = SelfieForImageClassification.__name__ in (config.architectures or [])
+    model = load_checkpoint(SelfieForImageClassification if is_classifier else SelfieModel, path, config=config)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        save_timm_weights(model, output_file)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"--output_file {output_file}: cannot write it ({error}).") from error
+    parts = ", ".join(prefix.rstrip(".") or "conv1, bn1, layer1-3" for prefix in timm_modules(model, with_classifier=True))
+    logger.info("Wrote the timm %s weights (%s, %s stem) to %s.", config.backbone, parts, config.stem, output_file)
+    return output_file
+
+
+if __name__ == "__main__":
+    run(main)

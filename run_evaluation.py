@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Evaluate the frozen features of a Selfie patch network: k-NN and linear-probe accuracy on a labelled dataset.
+
+    python run_evaluation.py --model_name_or_path outputs/selfie-cifar10 --dataset_name uoft-cs/cifar10 \\
+        --output_dir outputs/selfie-cifar10-eval
+
+An image's features are P's stage-3 feature map of the whole image, average-pooled. The training split's
+features (all of them, or a class-balanced --label_fraction / --labels_per_class) are the k-NN memory bank and
+the probe's training set; the validation split is the test. --config_name builds the checkpoint's architecture
+with fresh weights (drawn with --seed) instead: the random-init baseline. Writes eval_results.json (and
+all_results.json) into --output_dir, and, for a checkpoint folder with a model card, the figures into its card.
+With no dataset it evaluates on scikit-learn's handwritten digits. `--help` lists the flags; a JSON file of them
+works as well. Runs on one process, on the GPU where there is one.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments, set_seed
+
+from modeling_selfie import AUTO_CLASSES, SelfieModel
+from selfie_training.data import (
+    DataArguments,
+    LabelledSubsetArguments,
+    choose_preset,
+    encode_label_splits,
+    find_image_column,
+    find_label_column,
+    load_splits,
+)
+from selfie_training.evaluation import (
+    KNNArguments,
+    extract_features,
+    knn_accuracy,
+    labelled_images,
+    linear_probe_accuracy,
+)
+from selfie_training.model_card import set_section
+from selfie_training.runner import (
+    ModelArguments,
+    build_config,
+    build_model,
+    load_image_processor,
+    parse_arguments,
+    run,
+    save_json,
+    save_labelled_subset,
+    setup,
+)
+
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("knn", "linear_probe")
+
+
+@dataclass
+class EvaluationArguments(KNNArguments):
+    protocols: list[str] = field(
+        default_factory=lambda: list(PROTOCOLS), metadata={"help": "The protocols to run.", "choices": list(PROTOCOLS)}
+    )
+    probe_weight_decay: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Linear probe: the L2 penalty, weight_decay / 2 * |W|^2 beside the mean cross-entropy (scikit-learn's "
+            "1 / (C * n): the default is C = 1 for 10,000 images)."
+        },
+    )
+    probe_max_iterations: int = field(default=1000, metadata={"help": "Linear probe: at most this many L-BFGS steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.probe_weight_decay >= 0:
+            raise ValueError(f"--probe_weight_decay {self.probe_weight_decay} must be at least 0.")
+        if self.probe_max_iterations < 1:
+            raise ValueError(f"--probe_max_iterations {self.probe_max_iterations} must be at least 1.")
+
+
+def main(args: list[str] | None = None) -> dict:
+    model_args, subset_args, eval_args, data_args, training_args = parse_arguments(
+        (ModelArguments, LabelledSubsetArguments, EvaluationArguments, DataArguments, TrainingArguments), args
+    )
+    setup(training_args)
+    set_seed(training_args.seed)  # the random-init baseline's weights
+    if (model_args.model_name_or_path is None) == (model_args.config_name is None):
+        raise ValueError(
+            "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
+            "fresh weights: the random-init baseline), one of the two."
+        )
+
+    splits = load_splits(data_args)
+    image_column = find_image_column(splits["train"], data_args.image_column_name)
+    label_column = find_label_column(splits["train"], data_args.label_column_name)
+    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    train, indices = subset_args.select(train, label_column)
+    preset = choose_preset(data_args, splits["train"], image_column)
+    config = build_config(model_args, preset)
+    model = build_model(saved_class(config), model_args, config).to(training_args.device)
+    image_processor = load_image_processor(model_args, preset)
+
+    start = time.perf_counter()
+    train_features, test_features = (
+        extract_features(
+            model,
+            labelled_images(split, image_processor, image_column, label_column),
+            batch_size=training_args.per_device_eval_batch_size,
+            num_workers=training_args.dataloader_num_workers,
+        ).to(training_args.device)
+        for split in (train, validation)
+    )
+    results = evaluate(train_features, test_features, len(names), eval_args)
+    results.update(
+        train_samples=len(train_features.labels),
+        eval_samples=len(test_features.labels),
+        eval_runtime=round(time.perf_counter() - start, 2),
+    )
+    if training_args.should_log:
+        print("***** frozen-feature evaluation *****", *(f"  {name} = {value}" for name, value in results.items()), sep="\n")
+    if training_args.should_save:
+        save_results(results, training_args.output_dir)
+        if indices is not None:
+            save_labelled_subset(training_args.output_dir, subset_args.label_seed, indices)
+        card = os.path.join(model_args.model_name_or_path or "", "README.md")
+        if model_args.model_name_or_path is not None and os.path.isfile(card):
+            set_section(card, "frozen_features", results_markdown(results, eval_args, subset_args, data_args.source))
+            logger.info("Wrote the figures into %s.", card)
+    return results
+
+
+def saved_class(config) -> type:
+    """The class the checkpoint was saved from, so that all of its weights load (none missing, none unused);
+    `SelfieModel` for a config that names none."""
+    classes = {model_class.__name__: model_class for model_class, _ in AUTO_CLASSES}
+    return next((classes[name] for name in config.architectures or [] if name in classes), SelfieModel)
+
+
+def evaluate(train, test, num_classes: int, args: EvaluationArguments) -> dict:
+    results = {}
+    if "knn" in args.protocols:
+        results.update(knn_accuracy(train, test, num_classes, k=args.knn_k, temperature=args.knn_temperature))
+        results.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+    if "linear_probe" in args.protocols:
+        results.update(
+            linear_probe_accuracy(
+                train, test, num_classes, weight_decay=args.probe_weight_decay, max_iterations=args.probe_max_iterations
+            )
+        )
+        results.update(linear_probe_weight_decay=args.probe_weight_decay)
+    return results
+
+
+def save_results(results: dict, output_dir: str):
+    # The names the Trainer gives an evaluation's figures, so that tools reading those read these.
+    for name in ("eval_results.json", "all_results.json"):
+        save_json(os.path.join(output_dir, name), results)
+
+
+def results_markdown(results: dict, args: EvaluationArguments, subset_args: LabelledSubsetArguments, source: str) -> str:
+    """The model card's table: top-1 and top-5 accuracy (%) of each protocol run."""
+    names = {
+        "knn": f"k-NN (k={args.knn_k}, temperature {args.knn_temperature})",
+        "linear_probe": f"linear probe (L-BFGS, weight decay {args.probe_weight_decay:g})",
+    }
+    subset = f", {subset_args.describe().lower()}" if subset_args.selects_subset else ""
+    rows = [
+        f"| {names[protocol]} | {_percent(results[f'{protocol}_top1'])} | {_percent(results.get(f'{protocol}_top5'))} |"
+        for protocol in args.protocols
+    ]
+    return "\n".join(
+        [
+            "| protocol | top-1 | top-5 |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"Accuracy (%) on {results['eval_samples']} validation images of {source}, from the frozen patch network: "
+            "its stage-3 feature map of the whole image, average-pooled. Memory bank and probe training set: "
+            f"{results['train_samples']} labelled training images{subset}. Written by run_evaluation.py.",
+        ]
+    )
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}"
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,220 @@
+"""Frozen-feature evaluation of a Selfie patch network: k-NN and linear-probe accuracy, and a callback that logs the
+k-NN accuracy while pretraining.
+
+The features of an image are P's stage-3 feature map of the whole image (P runs on the full image, not on its
+patches, as it does when it starts a classifier), global-average-pooled: one vector of P's width (1024 for
+ResNet-50) an image. Nothing is trained on the encoder; its BatchNorm layers run in eval mode.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import EvalPrediction, TrainerCallback
+
+from .data import (
+    collate_images,
+    encode_label_splits,
+    find_label_column,
+    image_transform,
+    limit_samples,
+    with_image_transform,
+)
+from .metrics import compute_accuracy, top_classes
+
+
+logger = logging.getLogger(__name__)
+
+# The k-NN scores at most this many (query, training image) pairs at once: queries are taken in chunks of
+# KNN_CHUNK_ELEMENTS // (training images), so the similarity matrix stays near 256 MB whatever the dataset's size.
+KNN_CHUNK_ELEMENTS = 2**26
+
+
+@dataclass
+class KNNArguments:
+    knn_k: int = field(default=200, metadata={"help": "k-NN: the number of nearest training images that vote."})
+    knn_temperature: float = field(
+        default=0.07, metadata={"help": "k-NN: every neighbour's vote is exp(cosine similarity / this)."}
+    )
+
+    def __post_init__(self):
+        if self.knn_k < 1:
+            raise ValueError(f"--knn_k {self.knn_k} must be at least 1.")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"--knn_temperature {self.knn_temperature} must be positive.")
+
+
+@dataclass
+class LabelledFeatures:
+    """One feature vector (a row of `features`) and one label an image."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> "LabelledFeatures":
+        return LabelledFeatures(self.features.to(device), self.labels.to(device))
+
+
+def labelled_images(dataset, image_processor, image_column: str, label_column: str):
+    """The dataset as `extract_features` reads it: evaluation transform (resize, centre crop, normalise), labels."""
+    return with_image_transform(dataset, image_transform(image_processor, train=False), image_column, label_column)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0) -> LabelledFeatures:
+    """The pooled stage-3 features (on the CPU, float32) and labels of every readable image of `dataset` (from
+    `labelled_images`), read batch by batch with the model in eval mode; the model's mode is restored after.
+    `model` is any Selfie model: a `SelfieModel`, or a model holding one as `.selfie`."""
+    encoder = getattr(model, "selfie", model)
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    features, labels, unreadable = [], [], 0
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype)
+            features.append(encoder.feature_map(pixel_values).mean(dim=(2, 3)).float().cpu())
+            labels.append(batch["labels"])
+            unreadable += len(batch["unreadable_images"])
+    finally:
+        model.train(was_training)
+    if unreadable:
+        logger.warning("Skipped %d unreadable images in feature extraction.", unreadable)
+    return LabelledFeatures(torch.cat(features), torch.cat(labels))
+
+
+def knn_accuracy(
+    train: LabelledFeatures,
+    test: LabelledFeatures,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int | None = None,
+) -> dict:
+    """Weighted k-NN classification as in instance discrimination (Wu et al., 2018): the cosine similarity of
+    L2-normalised features, the `k` most similar training images, each voting for its class with weight
+    exp(similarity / temperature). Returns `knn_top1` (and `knn_top5` above 5 classes), shares in [0, 1]. The test
+    images go `chunk_size` at a time (default: as many as `KNN_CHUNK_ELEMENTS` allows)."""
+    bank = F.normalize(train.features, dim=1)
+    k = min(k, len(bank))
+    chunk_size = chunk_size or max(1, KNN_CHUNK_ELEMENTS // len(bank))
+    votes = []
+    for queries in F.normalize(test.features, dim=1).split(chunk_size):
+        similarity, neighbours = (queries @ bank.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes.append(weights.new_zeros(len(queries), num_classes).scatter_add_(1, train.labels[neighbours], weights))
+    return _accuracies("knn", torch.cat(votes), test.labels)
+
+
+def linear_probe_accuracy(
+    train: LabelledFeatures,
+    test: LabelledFeatures,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+    max_iterations: int = 1000,
+) -> dict:
+    """A linear classifier on the frozen features: multinomial logistic regression on features standardised with
+    the training images' mean and std, minimising the mean cross-entropy + weight_decay / 2 * |W|^2 (the bias not
+    penalised) by full-batch L-BFGS from zero weights. Returns `linear_probe_top1` (and `_top5` above 5 classes).
+
+    Why this solver: the problem is convex, so L-BFGS on the whole batch finds its one optimum in a few hundred
+    iterations (seconds for tens of thousands of images) with no learning rate, schedule or epoch count to tune, and
+    the answer depends on nothing random (the same inputs give the same probe). It runs on the features' device in
+    torch, without the float64 copy scikit-learn's solvers make. `weight_decay` is scikit-learn's 1 / (C * n)."""
+    mean, std = train.features.mean(dim=0), train.features.std(dim=0).clamp_min(1e-6)
+    inputs, test_inputs = (train.features - mean) / std, (test.features - mean) / std
+    weight = train.features.new_zeros(num_classes, inputs.shape[1], requires_grad=True)
+    bias = train.features.new_zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1, max_iter=max_iterations, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(inputs @ weight.T + bias, train.labels) + weight_decay / 2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return _accuracies("linear_probe", test_inputs @ weight.T + bias, test.labels)
+
+
+def _accuracies(prefix: str, scores: torch.Tensor, labels: torch.Tensor) -> dict:
+    # The fine-tuning metric itself: top-1, and top-5 above 5 classes.
+    predictions = EvalPrediction(predictions=top_classes(scores, labels).cpu().numpy(), label_ids=labels.cpu().numpy())
+    accuracy = compute_accuracy(predictions)
+    result = {f"{prefix}_top1": accuracy["accuracy"]}
+    if "top5_accuracy" in accuracy:
+        result[f"{prefix}_top5"] = accuracy["top5_accuracy"]
+    return result
+
+
+class KNNMonitor(TrainerCallback):
+    """At every evaluation of a `Trainer` (as `--eval_strategy` says, and the final `evaluate()`), extract the
+    features of a labelled training subset (the memory bank) and of the validation images, and log their k-NN
+    accuracy (`knn_top1`, and `knn_top5` above 5 classes) through `trainer.log`: it lands in `log_history`, the
+    console and the reporting integrations (tensorboard files it under `train/`, as it does every key not
+    starting with `eval_`), so one sees whether the representation improves while the pretraining loss falls.
+
+    The work is done on the main process alone, with the unwrapped model (no collective operation): the other
+    processes go on and wait for it at their next synchronisation (the next step's gradient all-reduce), so the
+    figure is logged once. It needs the whole model on the main process: not with FSDP or DeepSpeed ZeRO-3.
+    """
+
+    def __init__(self, trainer, memory_bank, validation, num_classes: int, k: int = 200, temperature: float = 0.07):
+        self.trainer = trainer
+        self.memory_bank, self.validation = memory_bank, validation
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        extract = dict(batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)
+        train = extract_features(model, self.memory_bank, **extract)
+        test = extract_features(model, self.validation, **extract)
+        device = next(model.parameters()).device
+        self.trainer.log(
+            knn_accuracy(train.to(device), test.to(device), self.num_classes, k=self.k, temperature=self.temperature)
+        )
+
+
+@dataclass
+class KNNMonitorArguments(KNNArguments):
+    knn_monitor_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "At every evaluation, log the k-NN accuracy (knn_top1) of the validation images against this "
+            "many labelled training images, to see the representation improve. Needs a label column. Default: off."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.knn_monitor_samples is not None and self.knn_monitor_samples < 1:
+            raise ValueError(f"--knn_monitor_samples {self.knn_monitor_samples} must be at least 1.")
+
+
+def build_knn_monitor(trainer, splits: dict, data_args, image_column: str, image_processor, args: KNNMonitorArguments):
+    """The `KNNMonitor` that `--knn_monitor_samples` asks for: a memory bank of that many training images (drawn with
+    --split_seed), the validation split as test."""
+    label_column = find_label_column(splits["train"], data_args.label_column_name, required=False)
+    if label_column is None:
+        raise ValueError(
+            f"--knn_monitor_samples {args.knn_monitor_samples} needs labels, but the dataset has no label column "
+            "(name it with --label_column_name, or drop --knn_monitor_samples)."
+        )
+    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    memory_bank = limit_samples(train, args.knn_monitor_samples, data_args.split_seed)
+    return KNNMonitor(
+        trainer,
+        labelled_images(memory_bank, image_processor, image_column, label_column),
+        labelled_images(validation, image_processor, image_column, label_column),
+        num_classes=len(names),
+        k=args.knn_k,
+        temperature=args.knn_temperature,
+    )
