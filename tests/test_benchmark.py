@@ -1,0 +1,81 @@
+"""The throughput benchmark, run tiny on the CPU: what it measures must add up, whatever the speed."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS
+
+
+sys.path.insert(0, str(REPOSITORY / "benchmarks"))
+import benchmark_throughput  # noqa: E402
+
+
+def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, capsys):
+    output_file = tmp_path / "throughput.json"
+    rows = benchmark_throughput.main(
+        [*TINY_MODEL_FLAGS, "--dataset_name", str(parquet_folder), "--batch_size", "4", "--steps", "2",
+         "--warmup_steps", "1", "--output_file", str(output_file)]
+    )  # fmt: skip
+    measurements = [*benchmark_throughput.MODEL_STEPS, *benchmark_throughput.DATA_STEPS]
+    assert [(row["grid"], row["measurement"]) for row in rows] == [
+        (grid, measurement) for grid in ("cifar10", "imagenet224") for measurement in measurements
+    ]
+    report = json.loads(output_file.read_text())
+    assert report["results"] == rows and report["precision"] == "float32"
+    for row in rows:
+        assert row["batch_size"] == 4
+        assert math.isfinite(row["images_per_second"]) and row["images_per_second"] > 0
+        assert row["peak_memory_gib"] >= 0
+    for grid in ("cifar10", "imagenet224"):
+        step = {row["measurement"]: row for row in rows if row["grid"] == grid}
+        assert step["peer"]["ratio_to_peer"] == 1.0
+        assert step["selfie"]["ratio_to_peer"] == pytest.approx(
+            step["selfie"]["images_per_second"] / step["peer"]["images_per_second"]
+        )
+        # The classifier a Selfie checkpoint starts is the peer's network: P, stage 4, a linear layer.
+        assert step["finetune"]["flops_per_image"] == step["peer"]["flops_per_image"]
+        # Selfie runs P on the patches (no stage 4) plus the small attention pooling network.
+        assert 0 < step["selfie"]["flops_per_image"] < step["peer"]["flops_per_image"]
+        assert step["script"]["flops_per_image"] == step["selfie"]["flops_per_image"]
+        assert step["script"]["ratio_to_selfie"] == pytest.approx(
+            step["script"]["images_per_second"] / step["selfie"]["images_per_second"]
+        )
+        for row in step.values():
+            if "flops_per_image" in row:
+                assert row["tflops_per_second"] == pytest.approx(row["flops_per_image"] * row["images_per_second"] / 1e12)
+    table = capsys.readouterr().out
+    assert "| grid" in table and "x peer" in table and table.count("imagenet224") == len(measurements)
+
+
+def test_benchmark_counts_the_flops_of_a_whole_training_step(tmp_path):
+    """Forward and backward: about three times the forward pass (the backward pass computes gradients of both the
+    weights and the inputs, except the inputs of the first convolution)."""
+    rows = benchmark_throughput.main(
+        [*TINY_MODEL_FLAGS, "--grids", "cifar10", "--measurements", "peer", "--batch_size", "2", "--steps", "1",
+         "--warmup_steps", "0", "--output_file", str(tmp_path / "throughput.json")]
+    )  # fmt: skip
+    settings = benchmark_throughput._settings(benchmark_throughput.BenchmarkArguments(**TINY_MODEL), "cifar10", "cpu")
+    resnet = benchmark_throughput.create_resnet(settings.model_config())
+    resnet.reset_classifier(10)
+    with FlopCounterMode(display=False) as counter:
+        resnet(torch.randn(1, 3, 32, 32))
+    forward = counter.get_total_flops()
+    assert 2.5 * forward < rows[0]["flops_per_image"] < 3 * forward
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--grids", "cifar100"], "--grids cifar100: choose among cifar10, imagenet224."),
+        (["--measurements", "loader", "--dataset_name", "/no/such/folder"], "--dataset_name /no/such/folder"),
+    ],
+)
+def test_benchmark_refuses_bad_flags_in_one_line(flags, message, tmp_path):
+    with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")) as error:
+        benchmark_throughput.main([*flags, "--batch_size", "2", "--steps", "1", "--output_file", str(tmp_path / "out.json")])
+    assert "\n" not in str(error.value)
