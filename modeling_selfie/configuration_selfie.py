@@ -65,12 +65,15 @@ class SelfieConfig(PreTrainedConfig):
             Number of patches hidden in every image during pretraining: at least 2 (one distractor) and fewer than
             the number of patches. Defaults to a quarter of the grid (4 of 16, 12 of 49); the paper's figure hides 3
             of 9.
-        hidden_size (`int`, *optional*, defaults to 1024):
+        hidden_size (`int`, *optional*, defaults to 512):
             Width of the attention pooling network and of the vectors scored in the loss. Where it differs from
-            the width of P's output (1024 for ResNet-50), a linear projection maps P's vectors to it.
-        num_hidden_layers (`int`, *optional*, defaults to 3):
+            the width of P's output (1024 for ResNet-50), a linear projection maps P's vectors to it. The paper
+            leaves A's size open ("a few Transformer layers"); the defaults keep it small, about 7% of the
+            arithmetic of a supervised ResNet-50 step on either grid (at width 1024 and 3 layers, A would cost more
+            than the stage 4 that P leaves out), so that a pretraining step is cheaper than a supervised one.
+        num_hidden_layers (`int`, *optional*, defaults to 2):
             Number of Transformer layers in the attention pooling network.
-        num_attention_heads (`int`, *optional*, defaults to 16):
+        num_attention_heads (`int`, *optional*, defaults to 8):
             Number of attention heads in each Transformer layer; must divide `hidden_size`.
         mlp_ratio (`float`, *optional*, defaults to 4.0):
             Width of each Transformer layer's MLP, as a multiple of `hidden_size`.
@@ -125,9 +128,9 @@ class SelfieConfig(PreTrainedConfig):
     image_size: int | list[int] | tuple[int, int] = 224
     patch_size: int = 32
     num_masked_patches: int | None = None
-    hidden_size: int = 1024
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 16
+    hidden_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 8
     mlp_ratio: float = 4.0
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0

@@ -56,7 +56,7 @@ def test_default_is_the_papers_imagenet_224_setting():
     assert (config.backbone, config.stem, config.image_size, config.patch_size) == ("resnet50", "imagenet", 224, 32)
     assert config.grid_size == (7, 7)
     assert config.num_masked_patches == 12  # a quarter of 49
-    assert config.attention_temperature == pytest.approx(32.0)  # sqrt(1024)
+    assert config.attention_temperature == pytest.approx(512**0.5)  # sqrt(hidden_size)
 
 
 def test_non_square_grid_and_default_mask_count():

@@ -9,7 +9,8 @@ def test_real_resnet50_configuration():
     config = SelfieConfig.from_preset("imagenet224", num_labels=1000)
     pretraining = SelfieForMaskedPatchPrediction(config).eval()
     assert pretraining.selfie.patch_network.num_features == 1024  # P ends in stage 3's 1024 channels
-    assert isinstance(pretraining.selfie.patch_projection, torch.nn.Identity)
+    projection = pretraining.selfie.patch_projection  # into A's width
+    assert (projection.in_features, projection.out_features) == (1024, config.hidden_size)
     with torch.no_grad():
         patch_map = pretraining.selfie.feature_map(torch.randn(2, 3, 32, 32))
         assert patch_map.shape == (2, 1024, 2, 2)  # a 32x32 patch at stride 16
