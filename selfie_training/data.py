@@ -315,16 +315,18 @@ class KeepOneChannel(torch.nn.Module):
 
 def image_transform(processor: BitImageProcessor, train: bool, channel_drop_prob: float = 0.0) -> v2.Compose:
     """RGB PIL image -> normalised tensor, with the sizes and normalisation of the model's image processor.
-    Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above.
-    Evaluation: resize the shortest edge and centre crop, as the image processor does for inference."""
+    Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above, on uint8
+    tensors (torchvision's tensor kernels resize about twice as fast as PIL: the data loader keeps up with fewer
+    workers). Evaluation: resize the shortest edge (with PIL) and centre crop, as the image processor does."""
     size = (processor.crop_size["height"], processor.crop_size["width"])
     if not train:
-        steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size)]
+        steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()]
     elif max(size) <= 64:
-        steps = [v2.Resize(min(size)), v2.RandomCrop(size, padding=min(size) // 8, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+        crop = v2.RandomCrop(size, padding=min(size) // 8, padding_mode="reflect")
+        steps = [v2.ToImage(), v2.Resize(min(size)), crop, v2.RandomHorizontalFlip()]
     else:
-        steps = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
+        steps = [v2.ToImage(), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
     if train and channel_drop_prob > 0:
         steps.append(KeepOneChannel(channel_drop_prob))
     return v2.Compose(steps)

@@ -132,7 +132,7 @@ def test_training_transform_for_224_is_random_resized_crop():
     processor = get_preset("imagenet224").image_processor()
     transform = image_transform(processor, train=True, channel_drop_prob=0.5)
     names = [type(step).__name__ for step in transform.transforms]
-    assert names[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"] and names[-1] == "KeepOneChannel"
+    assert names[:3] == ["ToImage", "RandomResizedCrop", "RandomHorizontalFlip"] and names[-1] == "KeepOneChannel"
     image = Image.new("RGB", (120, 90))
     assert transform(image).shape == (3, 224, 224)
 
