@@ -15,8 +15,8 @@ the 7x7 stem), at the same batch size and precision, it measures
     loader      the training DataLoader: its workers, decoding, transforms, masks and collation
 
 and reports images/s, the ratio to the peer, FLOPs per image of a training step (forward and backward, counted by
-`torch.utils.flop_counter`), the TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast with
-channels_last weights, on the CPU in float32. Every measurement runs in a process of its own, so that its peak
+`torch.utils.flop_counter`), the TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on
+the CPU in float32; with channels_last weights and images on CUDA (--channels_last says otherwise). Every measurement runs in a process of its own, so that its peak
 memory and compiled code are its own. The table comes last; the JSON holds it and the settings.
 """
 
@@ -93,6 +93,13 @@ class BenchmarkArguments:
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON of timm.create_model arguments."})
     config_overrides: str | None = field(default=None, metadata={"help": "SelfieConfig fields, e.g. 'hidden_size=64'."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile every model (the Trainer's flag too)."})
+    channels_last: bool | None = field(
+        default=None,
+        metadata={
+            "help": "channels_last weights and images. Default: on CUDA. On the CPU it is faster too, but oneDNN's "
+            "channels_last convolution backward crashes (segfault) for some tiny layers in torch 2.14."
+        },
+    )
     dataset_name: str = field(
         default=str(REPOSITORY.parent / "shared" / "data" / "cifar10"),
         metadata={"help": "Real images for the script and data measurements (a folder or a Hub dataset)."},
@@ -122,7 +129,7 @@ class Settings:
 
     @property
     def channels_last(self) -> bool:
-        return self.device == "cuda"
+        return self.args.channels_last if self.args.channels_last is not None else self.device == "cuda"
 
     def model_config(self, num_labels: int | None = None) -> SelfieConfig:
         config = SelfieConfig.from_dict(self.config)
@@ -138,18 +145,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"{flag} {' '.join(unknown)}: choose among {', '.join(known)}.")
     logging.basicConfig(format="%(asctime)s - %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     device = in_own_process(probe_device)  # the parent keeps off the GPU, whose memory the measurements share
-    precision = "bf16 autocast, channels_last" if device["type"] == "cuda" else "float32"
+    precision = "bf16 autocast" if device["type"] == "cuda" else "float32"
     report = {"device": device["name"], "precision": precision, "torch": torch.__version__, "arguments": asdict(args)}
     rows = []
     for grid in args.grids:
         settings = _settings(args, grid, device["type"])
+        report["precision"] = precision + (", channels_last" if settings.channels_last else "")
         for measurement in args.measurements:
             logger.info("%s: measuring %s (batch %d)", grid, measurement, settings.batch_size)
             row = in_own_process(MEASUREMENTS[measurement], settings)
             rows.append({"grid": grid, "measurement": measurement, "batch_size": settings.batch_size, **row})
             _add_ratios(rows)
             save_json(args.output_file, {**report, "results": rows})  # after each: a failure later loses nothing
-    print(f"\n{device['name']}, torch {torch.__version__}, {precision}; written to {args.output_file}\n")
+    print(f"\n{device['name']}, torch {torch.__version__}, {report['precision']}; written to {args.output_file}\n")
     print(format_table(rows))
     return rows
 
@@ -428,7 +436,8 @@ def in_own_process(function, *args):
     sender.close()
     try:
         outcome, result = receiver.recv()
-    except EOFError:
+    except EOFError:  # it died without a word
+        process.join()
         outcome, result = "failed", f"the process ended with exit status {process.exitcode}"
     process.join()
     if outcome == "user error":
