@@ -344,6 +344,9 @@ class StepTimer(TrainerCallback):
         self.warmup_steps, self.device = warmup_steps, device
         self.start = self.seconds = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()  # for no warm-up steps
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup_steps:
             _synchronize(self.device)
