@@ -53,7 +53,6 @@ from modeling_selfie import (  # noqa: E402
     random_patch_mask,
 )
 from modeling_selfie.modeling_selfie import create_resnet  # noqa: E402
-from selfie_training.runner import ModelArguments, build_config, run, save_json  # noqa: E402
 from selfie_training.data import (  # noqa: E402
     DataArguments,
     RandomStream,
@@ -64,6 +63,7 @@ from selfie_training.data import (  # noqa: E402
     read_image,
     with_image_transform,
 )
+from selfie_training.runner import ModelArguments, build_config, run, save_json  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -431,6 +431,9 @@ def in_own_process(function, *args):
     The process is forked from a fork server that has imported the libraries and never computed anything: a fork
     of a process whose thread pools have run (a test session, say) can deadlock in them, and spawning afresh would
     import torch again for every measurement."""
+    # A CUDA check in the fork server must not initialise CUDA there, which its forked children could then not use:
+    # torch asks NVML instead with this (read by the server, which inherits it, at every check).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["run_pretraining"])  # imports all the others; read when the server starts
     receiver, sender = context.Pipe(duplex=False)
