@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_STEPS = ("peer", "selfie", "script", "finetune")
 DATA_STEPS = ("decode", "transform", "loader")
-# Batch sizes of the reference figures quoted in the README; small ones where the CPU has to do the work.
+# On a GPU, the batch sizes of the usual supervised ResNet-50 references; small ones where the CPU does the work.
 DEFAULT_BATCH_SIZES = {"cuda": {"cifar10": 512, "imagenet224": 256}, "cpu": {"cifar10": 32, "imagenet224": 8}}
 NUM_CLASSES = {"cifar10": 10, "imagenet224": 1000}
 
