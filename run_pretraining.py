@@ -12,10 +12,10 @@ scikit-learn's handwritten digits.
 import logging
 from dataclasses import dataclass, field
 
-from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import SelfieForMaskedPatchPrediction
+from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES
 from selfie_training.data import (
     DataArguments,
     RandomStream,
@@ -43,9 +43,6 @@ from selfie_training.trainer import PretrainingTrainer
 
 
 logger = logging.getLogger(__name__)
-
-# The norm layers of the three `backbone_norm` choices (timm's LayerNorm2d is a LayerNorm).
-NORM_LAYER_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass

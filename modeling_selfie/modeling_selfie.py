@@ -78,6 +78,7 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 
 NORM_LAYERS = {"batchnorm": nn.BatchNorm2d, "layernorm": LayerNorm2d, "groupnorm": _group_norm}
+NORM_LAYER_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)  # every norm of the models (LayerNorm2d is a LayerNorm)
 LAST_NORM_OF_BLOCK = {BasicBlock: "bn2", Bottleneck: "bn3"}  # the norms timm's `zero_init_last` zeroes
 
 
@@ -246,7 +247,7 @@ class SelfiePreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+        elif isinstance(module, NORM_LAYER_TYPES):
             if module.weight is not None:
                 init.constant_(module.weight, 0.0 if getattr(module, "zero_init", False) else 1.0)
                 init.zeros_(module.bias)
