@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import datasets
@@ -75,7 +76,8 @@ def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tu
 
 
 def setup(training_args: TrainingArguments):
-    """Logging as the transformers examples set it up."""
+    """Logging as the transformers examples set it up, and an --output_dir that can be written."""
+    check_output_dir(training_args.output_dir)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -95,6 +97,19 @@ def setup(training_args: TrainingArguments):
     logger.info("Training arguments: %s", training_args)
 
 
+def check_output_dir(output_dir: str):
+    """Refuse, before any work, an --output_dir that is a file or cannot be written: otherwise the run would fail at
+    its first save, its training lost."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file, not a folder: give a folder to write the run into.")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}.") from error
+
+
 def run(main):
     """Run a script's `main`. A user error (a bad flag, file, column or value) ends it with one line on stderr and
     exit status 2, a stopped training run (a signal, a non-finite loss) with its own line and status; the
@@ -105,6 +120,17 @@ def run(main):
         logger.debug("Traceback of the error below:", exc_info=True)
         print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(error.exit_status if isinstance(error, TrainingStopped) else 2)
+    finally:
+        end_process_group()
+
+
+def end_process_group():
+    """Destroy the process group of a multi-process run (`accelerate launch`) while the interpreter is whole. Left to
+    interpreter exit, gloo's worker threads can still hold finished work whose tensors reference Python objects;
+    freeing those during finalisation takes the GIL of a dying interpreter and aborts the process ("terminate called
+    without an active exception", SIGABRT): a finished run that exits non-zero."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def find_last_checkpoint(training_args: TrainingArguments) -> str | None:

@@ -99,6 +99,17 @@ def test_validation_labels_outside_the_classes_are_refused(tmp_path, image_folde
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(unlabelled))
 
 
+@pytest.mark.parametrize("script", ["run_pretraining", "run_image_classification", "run_evaluation"])
+def test_an_output_dir_that_is_a_file_is_refused_and_left_alone(tmp_path, script):
+    output = tmp_path / "notes.txt"
+    output.write_text("the user's notes")
+    main = __import__(script).main
+    flags = ["--config_name", str(tmp_path)] if script == "run_evaluation" else ["--do_train", "--max_steps", "1"]
+    with pytest.raises(ValueError, match=rf"^--output_dir {output} is a file, not a folder"):
+        main(["--output_dir", str(output), *TINY_MODEL_FLAGS, *QUIET_FLAGS, *flags])
+    assert output.read_text() == "the user's notes"
+
+
 def test_scripts_report_user_errors_in_one_line_with_status_2(tmp_path):
     command = [sys.executable, str(REPOSITORY / "run_pretraining.py"), "--output_dir", str(tmp_path), "--do_train",
                "--config_overrides", "num_masked_patches=40", *QUIET_FLAGS]
