@@ -5,7 +5,8 @@
 
 A pretraining checkpoint gives P (timm's `conv1`, `bn1`, `layer1`-`layer3`); a classifier with the `resnet` head
 also its stage 4 (`layer4`) and linear classifier (`fc`). The README shows the `timm.create_model` call that loads
-each kind, and how to build the CIFAR stem.
+each kind, and how to build the CIFAR stem. The file goes outside the checkpoint's folder, and replaces an existing
+file only with --overwrite.
 """
 
 import logging
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ExportArguments:
     model_name_or_path: str = field(metadata={"help": "A Selfie checkpoint: pretraining, or a classifier."})
-    output_file: str = field(metadata={"help": "The .safetensors file to write."})
+    output_file: str = field(metadata={"help": "The .safetensors file to write, outside the checkpoint's folder."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output_file where it exists."})
 
 
 def main(args: list[str] | None = None) -> str:
@@ -34,6 +36,7 @@ def main(args: list[str] | None = None) -> str:
     path, output_file = export_args.model_name_or_path, export_args.output_file
     if not output_file.endswith(".safetensors"):
         raise ValueError(f"--output_file {output_file} must end in .safetensors: timm reads the format from the name.")
+    check_output_file(output_file, path, export_args.overwrite)
     config = load_selfie_config(path, "--model_name_or_path")
     # A classifier holds stage 4 and the classifier; any other checkpoint's ResNet is P, in its base model.
     is_classifier = SelfieForImageClassification.__name__ in (config.architectures or [])
@@ -46,6 +49,19 @@ def main(args: list[str] | None = None) -> str:
     parts = ", ".join(prefix.rstrip(".") or "conv1, bn1, layer1-3" for prefix in timm_modules(model, with_classifier=True))
     logger.info("Wrote the timm %s weights (%s, %s stem) to %s.", config.backbone, parts, config.stem, output_file)
     return output_file
+
+
+def check_output_file(output_file: str, checkpoint: str, overwrite: bool):
+    """Never write into the checkpoint's folder (its model.safetensors would become timm's names, which a Selfie
+    model cannot load), and replace an existing file only with --overwrite."""
+    if os.path.isdir(checkpoint):
+        folder, output = os.path.realpath(checkpoint), os.path.realpath(output_file)
+        if os.path.commonpath([folder, output]) == folder:
+            raise ValueError(
+                f"--output_file {output_file} is inside the checkpoint --model_name_or_path {checkpoint}: write it elsewhere."
+            )
+    if os.path.lexists(output_file) and not overwrite:
+        raise ValueError(f"--output_file {output_file} exists: add --overwrite to replace it.")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import AUTO_CLASSES, SelfieModel
@@ -110,6 +111,8 @@ def main(args: list[str] | None = None) -> dict:
         ).to(training_args.device)
         for split in (train, validation)
     )
+    for split, features in (("training", train_features), ("validation", test_features)):
+        check_finite(features.features, split, model_args)
     results = evaluate(train_features, test_features, len(names), eval_args)
     results.update(
         train_samples=len(train_features.labels),
@@ -134,6 +137,18 @@ def saved_class(config) -> type:
     `SelfieModel` for a config that names none."""
     classes = {model_class.__name__: model_class for model_class, _ in AUTO_CLASSES}
     return next((classes[name] for name in config.architectures or [] if name in classes), SelfieModel)
+
+
+def check_finite(features: torch.Tensor, split: str, model_args: ModelArguments):
+    """NaN or infinite features would give the k-NN arbitrary neighbours, a meaningless accuracy, and break the
+    probe's solver: refused before anything is written. (load_checkpoint refuses non-finite weights; finite ones
+    can still overflow float32.)"""
+    if not torch.isfinite(features).all():
+        flag = "--model_name_or_path" if model_args.model_name_or_path is not None else "--config_name"
+        raise ValueError(
+            f"{flag} {model_args.model_name_or_path or model_args.config_name} gives NaN or infinite features for the "
+            f"{split} images; nothing was written."
+        )
 
 
 def evaluate(train, test, num_classes: int, args: EvaluationArguments) -> dict:

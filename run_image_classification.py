@@ -60,13 +60,34 @@ class FineTuningArguments(LabelledSubsetArguments):
             "choices": list(CLASSIFIER_HEADS),
         },
     )
+    pretrained_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "The learning rate of the pretrained weights (the patch network, and A for the attention_pooling "
+            "head); the fresh head (stage 4 and classifier) trains at --learning_rate. Lower keeps more of what "
+            "pretraining learnt. Needs --model_name_or_path or --backbone_weights. Default: --learning_rate."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pretrained_learning_rate is not None and not self.pretrained_learning_rate >= 0:
+            raise ValueError(f"--pretrained_learning_rate {self.pretrained_learning_rate} must be at least 0.")
+
+
+# The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
+ARGUMENTS = (ModelArguments, FineTuningArguments, DataArguments, TrainingArguments)
 
 
 def main(args: list[str] | None = None) -> dict:
-    model_args, finetuning_args, data_args, training_args = parse_arguments(
-        (ModelArguments, FineTuningArguments, DataArguments, TrainingArguments), args
-    )
+    model_args, finetuning_args, data_args, training_args = parse_arguments(ARGUMENTS, args)
     setup(training_args)
+    pretrained = model_args.model_name_or_path is not None or model_args.backbone_weights is not None
+    if finetuning_args.pretrained_learning_rate is not None and not pretrained:
+        raise ValueError(
+            "--pretrained_learning_rate needs pretrained weights (--model_name_or_path or --backbone_weights); "
+            "without them every weight is fresh and trains at --learning_rate."
+        )
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
@@ -101,6 +122,7 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=compute_accuracy,
         preprocess_logits_for_metrics=top_classes,
         max_unreadable_fraction=data_args.max_unreadable_fraction,
+        pretrained_learning_rate=finetuning_args.pretrained_learning_rate,
         card={
             "task": "classification",
             "dataset": data_args.source,

@@ -57,6 +57,10 @@ class PretrainingArguments:
     )
 
 
+# The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
+ARGUMENTS = (ModelArguments, PretrainingArguments, DataArguments, KNNMonitorArguments, TrainingArguments)
+
+
 def main(args: list[str] | None = None) -> dict:
     return train_and_evaluate(*build_trainer(args))
 
@@ -64,9 +68,7 @@ def main(args: list[str] | None = None) -> dict:
 def build_trainer(args: list[str] | None = None) -> tuple:
     """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
     resume from (the benchmarks time this trainer's steps)."""
-    model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(
-        (ModelArguments, PretrainingArguments, DataArguments, KNNMonitorArguments, TrainingArguments), args
-    )
+    model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(ARGUMENTS, args)
     setup(training_args)
     # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
     # the metrics, and compute the evaluation loss, as it does for labels.

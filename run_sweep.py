@@ -4,10 +4,12 @@
     python run_sweep.py configs/digits.json
 
 The JSON file names an `output_dir`, the `label_fractions` and `seeds`, and the flags of the runs: `data` for
-every run, `pretraining` for run_pretraining.py (skipped when `pretrained_model` names a checkpoint), and
-`finetuning` for run_image_classification.py. For every fraction and seed, both methods fine-tune on the same
-class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint, "scratch" from fresh
-weights of the same architecture. A rerun skips the runs that have finished.
+every run, `pretraining` for run_pretraining.py (skipped when `pretrained_model` names a checkpoint),
+`finetuning` for every run_image_classification.py run, and `scratch` and `selfie` for one method's runs only (each
+method's own recipe, e.g. `--pretrained_learning_rate` for Selfie). For every fraction and seed, both methods
+fine-tune on the same class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint,
+"scratch" from fresh weights of the same architecture. Every setting and flag is checked before the first run.
+A rerun skips the runs that have finished.
 
 Writes `results.json`, `results.md` (mean +- std of the validation accuracy, and the difference) and
 `results.png` into `output_dir`, puts the table into the model cards of the pretrained checkpoint and of the
@@ -25,6 +27,7 @@ import numpy as np
 import run_image_classification
 import run_pretraining
 from selfie_training.model_card import set_section
+from selfie_training.runner import parse_arguments, run
 
 
 matplotlib.use("Agg")  # files only, no display
@@ -42,16 +45,51 @@ class Sweep:
     data: dict = field(default_factory=dict)
     pretraining: dict = field(default_factory=dict)
     finetuning: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+    selfie: dict = field(default_factory=dict)
     pretrained_model: str | None = None
 
     @classmethod
     def from_json(cls, path: str) -> "Sweep":
-        with open(path) as file:
-            settings = json.load(file)
+        """The sweep of a JSON file, every setting checked (a one-line ValueError naming the file and setting)."""
+        try:
+            with open(path) as file:
+                settings = json.load(file)
+        except OSError as error:
+            raise ValueError(f"{path}: cannot be read ({error.strerror or error}).") from error
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}).") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
         unknown = set(settings) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}.")
-        return cls(**settings)
+        if "output_dir" not in settings:
+            raise ValueError(f"{path}: no output_dir.")
+        sweep = cls(**settings)
+        sweep.check(path)
+        return sweep
+
+    def check(self, path: str):
+        if not isinstance(self.output_dir, str):
+            raise ValueError(f"{path}: output_dir {self.output_dir!r} must be a string.")
+        if not self.label_fractions or not all(_is_number(f) and 0 < f <= 1 for f in _as_list(self.label_fractions)):
+            raise ValueError(f"{path}: label_fractions {self.label_fractions!r} must be a list of numbers in (0, 1].")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in _as_list(self.seeds)):
+            raise ValueError(f"{path}: seeds {self.seeds!r} must be a list of integers.")
+        for name in ("data", "pretraining", "finetuning", "scratch", "selfie"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{path}: {name} must be an object of flags, not {getattr(self, name)!r}.")
+        if self.pretrained_model is not None and not isinstance(self.pretrained_model, str):
+            raise ValueError(f"{path}: pretrained_model {self.pretrained_model!r} must be a string.")
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [None]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def flags(settings: dict) -> list[str]:
@@ -63,34 +101,58 @@ def flags(settings: dict) -> list[str]:
     return result
 
 
+def pretraining_flags(sweep: Sweep) -> list[str]:
+    output_dir = os.path.join(sweep.output_dir, "pretraining")
+    return flags({**sweep.data, **sweep.pretraining, "output_dir": output_dir, "do_train": True, "do_eval": True})
+
+
 def pretrain(sweep: Sweep) -> str:
     if sweep.pretrained_model is not None:
         return sweep.pretrained_model
     output_dir = os.path.join(sweep.output_dir, "pretraining")
     if not os.path.exists(os.path.join(output_dir, "all_results.json")):
-        run_pretraining.main(flags({**sweep.data, **sweep.pretraining, "output_dir": output_dir, "do_train": True, "do_eval": True}))
+        run_pretraining.main(pretraining_flags(sweep))
     return output_dir
+
+
+def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> list[str]:
+    settings = {
+        **sweep.data,
+        **sweep.finetuning,
+        **getattr(sweep, method),
+        "output_dir": run_directory(sweep, method, fraction, seed),
+        "seed": seed,
+        "label_seed": seed,
+        "do_train": True,
+        "do_eval": True,
+        # The same architecture either way: the checkpoint's weights, or only its config.
+        ("model_name_or_path" if method == "selfie" else "config_name"): pretrained,
+    }
+    if fraction < 1:
+        settings["label_fraction"] = fraction
+    return flags(settings)
+
+
+def check_flags(sweep: Sweep, path: str):
+    """Parse every run's flags before the first run starts, so that a typo does not surface hours in."""
+    runs = [] if sweep.pretrained_model is not None else [("pretraining", run_pretraining.ARGUMENTS, pretraining_flags(sweep))]
+    pretrained = sweep.pretrained_model or os.path.join(sweep.output_dir, "pretraining")
+    for method in METHODS:
+        runs.append((method, run_image_classification.ARGUMENTS, fine_tuning_flags(sweep, pretrained, method, 0.5, 0)))
+    for name, arguments, run_flags in runs:
+        try:
+            parse_arguments(arguments, run_flags)
+        except ValueError as error:
+            raise ValueError(f"{path}: the {name} runs' flags are refused: {error}") from error
+        except SystemExit as error:  # argparse has printed why
+            raise ValueError(f"{path}: the {name} runs' flags are refused (argparse's line above says why).") from error
 
 
 def fine_tune(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> float:
     """The validation accuracy of one fine-tuning run (read back if it has finished before)."""
-    output_dir = run_directory(sweep, method, fraction, seed)
-    results_file = os.path.join(output_dir, "all_results.json")
+    results_file = os.path.join(run_directory(sweep, method, fraction, seed), "all_results.json")
     if not os.path.exists(results_file):
-        settings = {
-            **sweep.data,
-            **sweep.finetuning,
-            "output_dir": output_dir,
-            "seed": seed,
-            "label_seed": seed,
-            "do_train": True,
-            "do_eval": True,
-            # The same architecture either way: the checkpoint's weights, or only its config.
-            ("model_name_or_path" if method == "selfie" else "config_name"): pretrained,
-        }
-        if fraction < 1:
-            settings["label_fraction"] = fraction
-        run_image_classification.main(flags(settings))
+        run_image_classification.main(fine_tuning_flags(sweep, pretrained, method, fraction, seed))
     with open(results_file) as file:
         return json.load(file)["eval_accuracy"]
 
@@ -150,8 +212,9 @@ def plot(rows: list[dict], path: str):
 def main(args: list[str] | None = None) -> list[dict]:
     args = sys.argv[1:] if args is None else args
     if len(args) != 1:
-        raise SystemExit("usage: python run_sweep.py SWEEP.json")
+        raise ValueError("usage: python run_sweep.py SWEEP.json")
     sweep = Sweep.from_json(args[0])
+    check_flags(sweep, args[0])
     pretrained = pretrain(sweep)
     accuracies = {
         fraction: {method: [fine_tune(sweep, pretrained, method, fraction, seed) for seed in sweep.seeds] for method in METHODS}
@@ -176,4 +239,4 @@ def main(args: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

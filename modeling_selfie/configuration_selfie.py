@@ -1,10 +1,12 @@
 """Selfie model configuration and the paper's three preset settings."""
 
+import inspect
 import math
 from dataclasses import dataclass
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import is_model_in_modules
+from timm.models.resnet import ResNet
 from transformers import BitImageProcessor, PreTrainedConfig
 from transformers.image_utils import PILImageResampling
 
@@ -13,6 +15,9 @@ STEMS = ("imagenet", "cifar")
 BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
 POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
+# The arguments of timm's ResNet that the models set themselves, and from what; `backbone_kwargs` may give the others.
+SET_BY_SELFIE = {"num_classes": "the model's head", "in_chans": "num_channels", "norm_layer": "backbone_norm"}
+RESNET_ARGUMENTS = set(inspect.signature(ResNet.__init__).parameters) - {"self", *SET_BY_SELFIE}
 TIMM_WEIGHTS = "timm"  # the "weights" of a "timm_weights" stage that started from timm's own pretrained weights
 # The fields of each kind of `training_stages` entry, beside "task", and their types.
 TRAINING_STAGE_FIELDS = {
@@ -183,8 +188,8 @@ class SelfieConfig(PreTrainedConfig):
     def _check_fields(self):
         if not isinstance(self.backbone, str) or not is_model_in_modules(self.backbone, ["resnet"]):
             _fail("backbone", self.backbone, "must name a timm ResNet-family model such as 'resnet50'")
-        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
-            _fail("backbone_kwargs", self.backbone_kwargs, "must be a dict of timm.create_model arguments")
+        if self.backbone_kwargs is not None:
+            self._check_backbone_kwargs()
         _check_choice("stem", self.stem, STEMS)
         _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
@@ -211,6 +216,22 @@ class SelfieConfig(PreTrainedConfig):
         if self.score_temperature is not None and (not _is_number(self.score_temperature) or self.score_temperature <= 0):
             _fail("score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)")
         self._check_training_stages()
+
+    def _check_backbone_kwargs(self):
+        # timm takes its arguments unchecked: a bad one fails deep in the model's construction, or builds a ResNet
+        # with fewer stages than P and stage 4 need.
+        kwargs = self.backbone_kwargs
+        if not isinstance(kwargs, dict):
+            _fail("backbone_kwargs", kwargs, "must be a dict of timm.create_model arguments")
+        for key in kwargs:
+            if key in SET_BY_SELFIE:
+                _fail("backbone_kwargs", kwargs, f"sets {key!r}, which Selfie sets from {SET_BY_SELFIE[key]}")
+            if key not in RESNET_ARGUMENTS:
+                _fail("backbone_kwargs", kwargs, f"has {key!r}, which is not an argument of timm's ResNet")
+        for key in ("layers", "channels"):
+            value = kwargs.get(key, [1, 1, 1, 1])  # where absent, the backbone's own, which fit
+            if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(_is_positive_int, value))):
+                _fail("backbone_kwargs", kwargs, f"{key} must be a list of 4 positive ints, one a stage")
 
     def _check_training_stages(self):
         if not isinstance(self.training_stages, list):

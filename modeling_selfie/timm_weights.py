@@ -67,7 +67,8 @@ def read_timm_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 def load_timm_weights(model: SelfiePreTrainedModel, path: str):
     """Copy the timm checkpoint `path` into P and, for a `"resnet"`-head classifier, stage 4. Every tensor they hold
-    must be in the file with the same shape; the file's other tensors (an ImageNet classifier, ...) are ignored.
+    must be in the file, with the same shape and finite values; the file's other tensors (an ImageNet classifier,
+    ...) are ignored.
     One exception, as with `backbone_pretrained`: with the `"cifar"` stem, a stem convolution of another shape (the
     7x7 one of an ImageNet checkpoint) is not loaded and the 3x3 stem keeps its fresh weights, with a warning."""
     state_dict = read_timm_checkpoint(path)
@@ -88,6 +89,8 @@ def load_timm_weights(model: SelfiePreTrainedModel, path: str):
                     f"{path}: tensor {key!r} has shape {_shape(source)} but the model's {_part(prefix)} needs "
                     f"{_shape(tensor)} (another backbone, backbone_kwargs or stem?)."
                 )
+            if source.is_floating_point() and not torch.isfinite(source).all():
+                raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values.")
             copies.append((tensor, source))
     with torch.no_grad():
         for tensor, source in copies:

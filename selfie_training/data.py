@@ -4,6 +4,8 @@ import io
 import itertools
 import logging
 import math
+import os
+import re
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from transformers import BitImageProcessor
 
@@ -84,6 +86,18 @@ class DataArguments:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded datasets."})
 
+    def __post_init__(self):
+        # `not 0 <= x <= 1` holds for NaN too, which every comparison fails.
+        shares = {"--channel_drop_prob": self.channel_drop_prob, "--max_unreadable_fraction": self.max_unreadable_fraction}
+        for flag, value in shares.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{flag} {value} must be in [0, 1].")
+        if not 0 < self.train_val_split < 1:
+            raise ValueError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
+        for flag, value in {"--max_train_samples": self.max_train_samples, "--max_eval_samples": self.max_eval_samples}.items():
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} {value} must be at least 0.")
+
     @property
     def source(self) -> str:
         """The data's name in model cards: the dataset, the training folder, or the embedded digits."""
@@ -105,6 +119,7 @@ def load_splits(args: DataArguments) -> dict:
         raise ValueError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
+    held_out_stream = validation is None and args.streaming
     if validation is None:
         train, validation = _hold_out(train, args)
     splits = {
@@ -112,15 +127,42 @@ def load_splits(args: DataArguments) -> dict:
         "validation": limit_samples(validation, args.max_eval_samples, args.split_seed),
     }
     for name, split in splits.items():
-        if not isinstance(split, IterableDataset) and len(split) == 0:
-            raise ValueError(f"The {name} split of the dataset is empty.")
+        if _is_empty(split):
+            # A stream without a validation split gives its first --max_eval_samples images to validation.
+            held_out = isinstance(split, IterableDataset) and held_out_stream and name == "train"
+            reason = (
+                f": the stream holds no more images than the {args.max_eval_samples or 1000} held out for validation "
+                "(lower --max_eval_samples, or give a validation split)"
+                if held_out
+                else ""
+            )
+            raise ValueError(f"The {name} split of the dataset is empty{reason}.")
     return splits
+
+
+def _is_empty(split) -> bool:
+    if isinstance(split, IterableDataset):
+        return next(iter(split.take(1)), None) is None
+    return len(split) == 0
+
+
+# The `datasets` builder for a single data file, by its extension (a folder or a Hub name needs none).
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 def _load(flag: str, path: str, args: DataArguments, **kwargs):
     # On a local folder, `load_dataset` picks the builder from its files: imagefolder, parquet, arrow, ...
+    source = path
+    if os.path.isfile(path):  # which `load_dataset` would look for as a folder or a Hub name
+        source = DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+        if source is None:
+            raise ValueError(
+                f"{flag} {path} is a file: give the folder that holds the data, or a single "
+                f"{', '.join(DATA_FILE_BUILDERS)} file."
+            )
+        kwargs["data_files"] = path
     try:
-        return load_dataset(path, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
+        return load_dataset(source, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
     except (FileNotFoundError, ValueError) as error:  # no such dataset or files; no data in them
         raise ValueError(f"{flag} {path}: {str(error).strip().splitlines()[0]}") from error
 
@@ -201,10 +243,12 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
     if label_column not in _column_names(dataset):
         raise ValueError(f"A split has no label column {label_column!r}; its columns are {_column_names(dataset)}.")
     feature = dataset.features.get(label_column) if dataset.features else None
+    if isinstance(dataset, IterableDataset) and not isinstance(feature, ClassLabel):
+        raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
+    if not isinstance(dataset, IterableDataset):
+        _check_no_missing_labels(dataset, label_column)
     if isinstance(feature, ClassLabel):
         return dataset, list(feature.names)
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
     if names is None:
         dataset = dataset.class_encode_column(label_column)
         return dataset, list(dataset.features[label_column].names)
@@ -216,9 +260,25 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
     return encoded.cast_column(label_column, ClassLabel(names=names)), names
 
 
+def _check_no_missing_labels(dataset, label_column: str):
+    """A `None` label would become a class of its own, or fail deep inside `datasets`: refused, counted."""
+    missing = sum(value is None for value in dataset[label_column])
+    if missing:
+        raise ValueError(
+            f"{missing} of {len(dataset)} images of a split have no label (None) in column {label_column!r}: drop "
+            "them, or pretrain on them with run_pretraining.py, which needs no labels."
+        )
+
+
 def encode_label_splits(train, validation, label_column: str) -> tuple:
     """Both splits with `ClassLabel` labels of train's classes, checked, and the class names."""
     train, names = encode_labels(train, label_column)
+    if len(names) < 2:
+        # One class would make transformers treat the task as regression (one output, an MSE loss, accuracy 1.0).
+        raise ValueError(
+            f"The training split has {len(names)} class ({names}) in column {label_column!r}: a classifier needs at "
+            "least 2 classes."
+        )
     validation, validation_names = encode_labels(validation, label_column, names)
     if validation_names != names:
         raise ValueError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
@@ -337,16 +397,60 @@ def image_transform(processor: BitImageProcessor, train: bool, channel_drop_prob
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+# Raw modes in which PIL decodes 16 bits a channel to 8, keeping the high byte: colour and grey-alpha PNG and TIFF,
+# SGI. (One-channel 16-bit PNG and TIFF decode to the I;16 modes, which keep every bit.)
+HIGH_BYTE_RAW_MODES = re.compile(r"(L|LA|RGB|RGBA|RGBa|RGBX|CMYK);16[BLN]?")
+
+
 def read_image(entry: dict) -> Image.Image:
     """Decode an undecoded `datasets` image (`{"bytes", "path"}`) completely, so that a truncated file fails here,
-    and as RGB: 16-bit grayscale is scaled to 8 bits, every other mode (L, LA, P, RGBA, CMYK, ...) converted."""
+    turn it by its EXIF orientation as `datasets` and `transformers` do, and return it as RGB (with 8 bits a channel).
+
+    Pixels that are not 8-bit are scaled by one rule; an image that the rule refuses raises a `ValueError` (counted
+    as unreadable, like a corrupt file):
+    - one-channel integer images (16-bit PNG and TIFF, 32-bit TIFF): by the smallest range of an even number of
+      bits, at least 8, that holds the image's largest value: 0..4095 is read as 12-bit data, so 4095 -> 255, and
+      0..255 as 8-bit data, unchanged. Negative values are refused.
+    - float images: values in [0, 1] are scaled by 255; larger ones are levels, by the rule for integers. Negative,
+      NaN and infinite values are refused.
+    - 16 bits a channel in colour (and grey-alpha) PNG and TIFF: PIL keeps the high byte (the full 16-bit range, as
+      in `datasets`); refused when every value is below 4096, 12-bit data that would come out nearly black.
+    Other modes (1, L, LA, P, RGBA, CMYK, ...) are converted by PIL; alpha is dropped, ICC profiles are not applied,
+    and multi-frame files (GIF, TIFF, animated PNG) give their first frame, as in `datasets` and `transformers`."""
     image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"])
+    high_bytes = _decodes_high_bytes(image)  # before `load`, which drops the tiles
     image.load()
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        pixels = np.asarray(image, dtype=np.float32)
-        scale = 257.0 if pixels.max() > 255 else 1.0  # 16-bit range, or 8-bit values stored wide
-        image = Image.fromarray(np.uint8(np.clip(pixels / scale, 0, 255)))
-    return image.convert("RGB")
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = _eight_bit_image(np.asarray(image, dtype=np.float64), fractions=image.mode == "F")
+    image = image.convert("RGB")
+    if high_bytes and max(high for _, high in image.getextrema()) < 16:
+        raise ValueError("16-bit channels all below 4096 (12-bit data?), which PIL reads as nearly black")
+    return image
+
+
+def _decodes_high_bytes(image: Image.Image) -> bool:
+    # A tile's args are its raw mode, or a tuple that starts with it (or, for some decoders, other things).
+    for tile in image.tile:
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        if args and isinstance(args[0], str) and HIGH_BYTE_RAW_MODES.fullmatch(args[0]):
+            return True
+    return False
+
+
+def _eight_bit_image(pixels: np.ndarray, fractions: bool) -> Image.Image:
+    """One-channel pixels as an 8-bit image, by `read_image`'s rule; `fractions`: values in [0, 1] span 0..255."""
+    if not np.isfinite(pixels).all():
+        raise ValueError("pixel values that are NaN or infinite")
+    if pixels.min() < 0:
+        raise ValueError(f"negative pixel values (down to {pixels.min():g})")
+    largest = pixels.max()
+    if fractions and largest <= 1:
+        top = 1.0
+    else:
+        bits = int(largest).bit_length()
+        top = 2.0 ** max(8, bits + bits % 2) - 1
+    return Image.fromarray(np.uint8(np.clip(np.rint(pixels * (255 / top)), 0, 255)))
 
 
 def image_name(entry: dict) -> str:
@@ -431,17 +535,22 @@ class TransformBatch:
 
 def collate_images(examples: list[dict]) -> dict:
     """Stack the readable images (and their labels and masks). `unreadable_images` names the others, and
-    `data_stream_state` is the data stream's state after this batch; `SelfieTrainer` takes both out of the batch."""
+    `data_stream_state` is the data stream's state after this batch; `SelfieTrainer` takes both out of the batch.
+    A batch none of whose images could be read has empty `pixel_values` and no labels or masks: the trainer skips
+    it, where raising here would stop the run."""
     readable = [example for example in examples if example["pixel_values"] is not None]
-    if not readable:
-        raise ValueError(f"No image of a batch of {len(examples)} could be read, the first: {examples[0]['unreadable']}")
-    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in readable])}
-    if "labels" in readable[0]:
-        batch["labels"] = torch.tensor([example["labels"] for example in readable])
-    if "bool_masked_pos" in readable[0]:
-        batch["bool_masked_pos"] = torch.stack([example["bool_masked_pos"] for example in readable])
+    batch = _stack(readable) if readable else {"pixel_values": torch.empty(0)}
     batch["unreadable_images"] = [example["unreadable"] for example in examples if example["pixel_values"] is None]
     batch["data_stream_state"] = examples[-1].get("stream_state")
+    return batch
+
+
+def _stack(examples: list[dict]) -> dict:
+    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([example["labels"] for example in examples])
+    if "bool_masked_pos" in examples[0]:
+        batch["bool_masked_pos"] = torch.stack([example["bool_masked_pos"] for example in examples])
     return batch
 
 

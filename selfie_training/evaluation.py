@@ -75,14 +75,18 @@ def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0
     try:
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
         for batch in loader:
+            unreadable += len(batch["unreadable_images"])
+            if len(batch["pixel_values"]) == 0:  # no image of the batch could be read
+                continue
             pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype)
             features.append(encoder.feature_map(pixel_values).mean(dim=(2, 3)).float().cpu())
             labels.append(batch["labels"])
-            unreadable += len(batch["unreadable_images"])
     finally:
         model.train(was_training)
     if unreadable:
         logger.warning("Skipped %d unreadable images in feature extraction.", unreadable)
+    if not features:
+        raise ValueError(f"None of the {unreadable} images could be read, so there are no features to evaluate.")
     return LabelledFeatures(torch.cat(features), torch.cat(labels))
 
 

@@ -1,12 +1,19 @@
 """`Trainer` pieces of the Selfie scripts: Selfie model cards, a stop on non-finite losses, a checkpoint on SIGINT and
-SIGTERM, and the candidate accuracy in pretraining logs."""
+SIGTERM, checks on the checkpoint to resume, and the candidate accuracy in pretraining logs."""
 
+import errno
+import json
 import logging
 import os
 import signal
+from contextlib import contextmanager
 
 import torch
-from transformers import Trainer, TrainerCallback
+from safetensors import SafetensorError, safe_open
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import OPTIMIZER_NAME, SCALER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from .data import RandomStream
 from .model_card import write_model_card
@@ -27,6 +34,7 @@ class SelfieTrainer(Trainer):
     Unreadable images are logged and appended to `unreadable_images.txt` in the output directory; the run stops
     once they are more than `max_unreadable_fraction` of the images read (counting at least 1,000, so that one bad
     file among the first few batches does not stop it).
+    Resuming, it refuses a checkpoint of another model, and trains no further a run that the checkpoint finished.
     """
 
     def __init__(
@@ -36,10 +44,12 @@ class SelfieTrainer(Trainer):
         data_stream: RandomStream,
         eval_stream: RandomStream | None = None,
         max_unreadable_fraction: float = 0.01,
+        pretrained_learning_rate: float | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.card = card
+        self.pretrained_learning_rate = pretrained_learning_rate
         self.data_stream = data_stream
         self.eval_stream = eval_stream
         self._trained_stream_state = None  # the data stream after the last batch trained on
@@ -48,10 +58,76 @@ class SelfieTrainer(Trainer):
         self.unreadable_images = 0
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        # Restored here, before the first batch is read: Trainer restores its own generators only after that.
-        if isinstance(resume_from_checkpoint, str) and os.path.isfile(self._data_rng_file(resume_from_checkpoint)):
-            self.data_stream.state = torch.load(self._data_rng_file(resume_from_checkpoint), weights_only=True)
+        if isinstance(resume_from_checkpoint, str):
+            self._check_same_model(resume_from_checkpoint)
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            max_steps = self._max_steps()
+            if state.global_step >= max_steps:
+                return self._finished_run(resume_from_checkpoint, state, max_steps)
+            # Restored here, before the first batch is read: Trainer restores its own generators only after that.
+            if os.path.isfile(self._data_rng_file(resume_from_checkpoint)):
+                self.data_stream.state = torch.load(self._data_rng_file(resume_from_checkpoint), weights_only=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_same_model(self, checkpoint: str):
+        """A checkpoint of another model class or architecture (another task's, another run's in the same
+        --output_dir) is never this run's to resume: refused in one line, where Trainer would fail on its tensors."""
+        with open(os.path.join(checkpoint, CONFIG_NAME)) as file:
+            saved_class = (json.load(file).get("architectures") or ["model of no named class"])[0]
+        with safe_open(os.path.join(checkpoint, SAFE_WEIGHTS_NAME), "pt") as file:
+            saved = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+        built = {name: tuple(tensor.shape) for name, tensor in self.model.state_dict().items()}
+        if saved_class != type(self.model).__name__:
+            difference = f"it holds a {saved_class}; this run trains a {type(self.model).__name__}"
+        elif saved != built:
+            name = min(name for name in saved.keys() | built.keys() if saved.get(name) != built.get(name))
+            difference = f"its tensor {name!r} is {saved.get(name, 'absent')}, this run's {built.get(name, 'absent')}"
+        else:
+            return
+        raise ValueError(
+            f"{checkpoint} is another run's checkpoint ({difference}): give this run another --output_dir."
+        )
+
+    def _max_steps(self) -> int:
+        """The step this run trains to: --max_steps, or as many as Trainer computes for --num_train_epochs."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+
+    def _finished_run(self, checkpoint: str, state: TrainerState, max_steps: int) -> TrainOutput:
+        """The end of the run that `checkpoint` finished, with nothing trained: Trainer would resume it and, where
+        the run ends mid-epoch, train a step more (it looks for the end only after a step). Its weights, the best
+        checkpoint's under --load_best_model_at_end as Trainer leaves them, and its state: the final one in
+        --output_dir where that is saved (it logs the training's summary, which the model card reads)."""
+        logger.warning(
+            "%s is at step %d of this run's %d: the run had finished, and is not trained further.",
+            checkpoint, state.global_step, max_steps,
+        )
+        try:
+            final_state = TrainerState.load_from_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
+        except (OSError, ValueError, TypeError):  # not saved yet, or cut short by a kill
+            final_state = state
+        self.state = final_state if final_state.global_step == state.global_step else state
+        self._load_from_checkpoint(checkpoint)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        return TrainOutput(self.state.global_step, None, {})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as error:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+            raise ValueError(
+                f"{os.path.join(checkpoint, OPTIMIZER_NAME)} does not fit this run's optimizer ({error}; changed "
+                "--train_norm_only or --pretrained_learning_rate?): give this run another --output_dir."
+            ) from error
+
+    def _load_scaler(self, checkpoint: str):
+        # The loss scale of an --fp16 run means nothing to a run without one (bf16, fp32): Trainer would fail on it.
+        if self.accelerator.scaler is None and os.path.isfile(os.path.join(checkpoint, SCALER_NAME)):
+            logger.warning("Ignoring %s: this run scales no losses (no --fp16).", os.path.join(checkpoint, SCALER_NAME))
+            return
+        super()._load_scaler(checkpoint)
 
     def _save_rng_state(self, output_dir: str):
         super()._save_rng_state(output_dir)
@@ -68,6 +144,12 @@ class SelfieTrainer(Trainer):
         # Every process reads its own share of the data, on its own stream.
         name = "data_rng_state.pth" if self.args.world_size == 1 else f"data_rng_state_{self.args.process_index}.pth"
         return os.path.join(checkpoint, name)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if len(inputs["pixel_values"]) == 0:  # no image of the batch could be read: named and counted, no outputs
+            self._prepare_inputs(inputs)
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _prepare_inputs(self, inputs):
         inputs = dict(inputs)
@@ -97,10 +179,39 @@ class SelfieTrainer(Trainer):
                 exit_status=2,
             )
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `pretrained_learning_rate`, the base model's parameters (`selfie.*`: what a
+        classifier takes over from pretraining) in groups of their own at that learning rate, the fresh head at
+        --learning_rate. The schedule scales every group alike."""
+        optimizer = super().create_optimizer(model)
+        if self.pretrained_learning_rate is None:
+            return optimizer
+        model = self.model if model is None else model
+        pretrained = {id(parameter) for parameter in model.base_model.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            options = {key: value for key, value in group.items() if key != "params"}
+            groups.append({**options, "params": [p for p in group["params"] if id(p) not in pretrained]})
+            groups.append(
+                {**options, "params": [p for p in group["params"] if id(p) in pretrained], "lr": self.pretrained_learning_rate}
+            )
+        optimizer.param_groups = []  # regrouped in place: the optimizer has no state yet
+        for group in groups:
+            if group["params"]:
+                optimizer.add_param_group(group)
+        return optimizer
+
     def create_model_card(self, **kwargs):
         write_model_card(self, **self.card)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if len(inputs["pixel_values"]) == 0:
+            # No image of the batch could be read (`collate_images`): name and count them, and step on zero
+            # gradients (not none, which fp16's gradient scaler refuses), so that training goes on.
+            self._prepare_inputs(inputs)
+            loss = sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0
+            self.accelerator.backward(loss)
+            return loss.detach()
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Before the optimiser step: the weights, and the last checkpoint on disk, are still those of good steps.
         if not torch.isfinite(loss):
@@ -118,6 +229,38 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+@contextmanager
+def stop_when_disk_full(output_dir: str):
+    """A full disk while saving ends the run in one line, where torch and safetensors would raise errors that never
+    say so ("enforce fail at inline_container.cc", "IoError(... StorageFull ...)"). Trainer writes a checkpoint's
+    trainer_state.json last and deletes older checkpoints only after it, so the checkpoints saved before are intact
+    and the half-written one is skipped on resuming."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if not _is_disk_full(error):
+            raise
+        raise TrainingStopped(
+            f"No space left on the device of {output_dir} while saving; the checkpoints saved before are intact: "
+            "free some space, then run the same command again to resume.",
+            exit_status=2,
+        ) from error
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if any(sign in str(error) for sign in DISK_FULL_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+# How torch's zip writer and safetensors report ENOSPC, without its errno.
+DISK_FULL_SIGNS = ("No space left on device", "file write failed", "StorageFull")
 
 
 class StopOnSignal(TrainerCallback):

@@ -1,0 +1,60 @@
+"""The fine-tuning recipe: a learning rate of its own for the pretrained weights."""
+
+import pytest
+from conftest import TINY_MODEL_FLAGS, fine_tune, pretrain, tiny_config
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from modeling_selfie import SelfieForImageClassification
+from selfie_training.data import RandomStream
+from selfie_training.trainer import SelfieTrainer
+
+
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics follow the data, frozen or not
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    output = tmp_path_factory.mktemp("pretrained")
+    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "16")
+    return str(output)
+
+
+def changed(before: dict, after: dict, prefix: str) -> set[str]:
+    return {
+        name for name in after if name.startswith(prefix) and not name.endswith(BUFFERS) and not before[name].equal(after[name])
+    }
+
+
+@pytest.mark.parametrize("head", ["resnet", "attention_pooling"])
+def test_a_pretrained_learning_rate_of_zero_keeps_the_pretrained_weights_and_trains_the_head(tmp_path, pretrained, head):
+    flags = ["--model_name_or_path", pretrained, "--classifier_head", head, "--max_steps", "3",
+             "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--learning_rate", "0.01"]  # fmt: skip
+    start = load_file(f"{pretrained}/model.safetensors")
+    fine_tune(tmp_path / "frozen", *flags, "--pretrained_learning_rate", "0")
+    fine_tune(tmp_path / "trained", *flags)
+    frozen, trained = (load_file(tmp_path / name / "model.safetensors") for name in ("frozen", "trained"))
+    assert not changed(start, frozen, "selfie.")
+    assert changed(start, trained, "selfie.")  # the same run without the flag trains them
+    assert not frozen["classifier.weight"].equal(trained["classifier.weight"])  # the head trained in both, differently
+
+
+def test_the_pretrained_learning_rate_applies_to_the_base_models_parameters_only(tmp_path):
+    model = SelfieForImageClassification(tiny_config())
+    arguments = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.004, weight_decay=0.05, report_to="none")
+    trainer = SelfieTrainer(model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001)
+    base = {id(parameter) for parameter in model.base_model.parameters()}
+    learning_rates = {}
+    for group in trainer.create_optimizer().param_groups:
+        kinds = {id(parameter) in base for parameter in group["params"]}
+        assert len(kinds) == 1  # no group mixes pretrained and fresh parameters
+        learning_rates.setdefault(kinds.pop(), set()).add((group["lr"], group["weight_decay"]))
+    assert learning_rates == {True: {(0.001, 0.05), (0.001, 0.0)}, False: {(0.004, 0.05), (0.004, 0.0)}}
+    assert sum(len(group["params"]) for group in trainer.optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_a_pretrained_learning_rate_needs_pretrained_weights(tmp_path):
+    with pytest.raises(ValueError, match=r"^--pretrained_learning_rate needs pretrained weights"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--pretrained_learning_rate", "0.001")
+    with pytest.raises(ValueError, match=r"^--pretrained_learning_rate -1.0 must be at least 0"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--pretrained_learning_rate", "-1")

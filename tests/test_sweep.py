@@ -1,0 +1,85 @@
+"""run_sweep.py refuses a bad sweep file in one line before its first run."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPOSITORY, TINY_MODEL
+
+import run_sweep
+
+
+BAD_SWEEPS = [
+    ('{"output_dir": "OUT", "label_fractions": [1.5]}', r"label_fractions \[1\.5\] must be a list of numbers in \(0, 1\]"),
+    ('{"output_dir": "OUT", "label_fractions": [0.05, 0]}', r"label_fractions \[0\.05, 0\] must be a list of numbers"),
+    ('{"output_dir": "OUT", "label_fractions": ["0.05"]}', r"label_fractions \['0\.05'\] must be a list of numbers"),
+    ('{"output_dir": "OUT", "label_fractions": 0.05}', r"label_fractions 0\.05 must be a list of numbers"),
+    ('{"output_dir": "OUT", "seeds": [0, 1.5]}', r"seeds \[0, 1\.5\] must be a list of integers"),
+    ('{"output_dir": "OUT", "label_fraction": [0.1]}', r"unknown sweep settings \['label_fraction'\]"),
+    ('{"label_fractions": [0.1]}', r"no output_dir"),
+    ('[{"output_dir": "OUT"}]', r"holds a JSON list, not an object of sweep settings"),
+    ('{"output_dir": "OUT",', r"not valid JSON"),
+    ('{"output_dir": "OUT", "finetuning": ["--seed", "1"]}', r"finetuning must be an object of flags"),
+    # (argparse takes an unambiguous prefix of a flag as the flag: "num_train_epoch" would be num_train_epochs.)
+    ('{"output_dir": "OUT", "selfie": {"pretrained_lr": 0.1}}', r"the selfie runs' flags are refused: .*--pretrained_lr"),
+    ('{"output_dir": "OUT", "pretraining": {"num_epochs": 1}}', r"the pretraining runs' flags are refused: .*--num_epochs"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_SWEEPS)
+def test_a_bad_sweep_is_refused_before_any_run(tmp_path, content, message):
+    path = tmp_path / "sweep.json"
+    path.write_text(content.replace("OUT", str(tmp_path / "out")))
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        run_sweep.main([str(path)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_sweep_file_is_one_line_with_status_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "run_sweep.py"), str(tmp_path / "none.json")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"run_sweep.py: error: {tmp_path / 'none.json'}: cannot be read (No such file or directory)."
+
+
+def test_each_method_gets_its_own_flags(tmp_path):
+    sweep = run_sweep.Sweep(
+        output_dir=str(tmp_path), finetuning={"learning_rate": 0.001}, selfie={"pretrained_learning_rate": 0.0002},
+        scratch={"learning_rate": 0.003},
+    )  # fmt: skip
+    selfie = run_sweep.fine_tuning_flags(sweep, "PRE", "selfie", 0.05, 1)
+    scratch = run_sweep.fine_tuning_flags(sweep, "PRE", "scratch", 0.05, 1)
+    assert selfie[selfie.index("--learning_rate") + 1] == "0.001"
+    assert selfie[selfie.index("--pretrained_learning_rate") + 1] == "0.0002"
+    assert selfie[selfie.index("--model_name_or_path") + 1] == "PRE"
+    assert scratch[scratch.index("--learning_rate") + 1] == "0.003"
+    assert "--pretrained_learning_rate" not in scratch and scratch[scratch.index("--config_name") + 1] == "PRE"
+    for run_flags in (selfie, scratch):
+        assert run_flags[run_flags.index("--label_fraction") + 1] == "0.05"
+        assert run_flags[run_flags.index("--label_seed") + 1] == "1"
+
+
+def test_sigterm_ends_a_sweep_with_the_scripts_line_and_status(tmp_path):
+    """The run under way saves a checkpoint and says so in one line; the sweep exits with its status (143)."""
+    sweep = {
+        "output_dir": str(tmp_path / "out"), "label_fractions": [0.5], "seeds": [0],
+        "data": {**TINY_MODEL, "report_to": "none", "disable_tqdm": True, "logging_steps": 1},
+        "pretraining": {"max_steps": 1000, "save_steps": 1000, "per_device_train_batch_size": 4},
+    }  # fmt: skip
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    command = [sys.executable, str(REPOSITORY / "run_sweep.py"), str(tmp_path / "sweep.json")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until pretraining trains, its signal handler in place
+        if "'loss'" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if "error" in line] == [
+        line for line in stderr.splitlines() if line.startswith("run_sweep.py: error: Stopped by SIGTERM at step")
+    ]
+    assert list((tmp_path / "out" / "pretraining").glob("checkpoint-*"))
