@@ -98,8 +98,8 @@ def main(args: list[str] | None = None) -> dict:
     train, indices = subset_args.select(train, label_column)
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)
+    image_processor = load_image_processor(model_args, preset, config)
     model = build_model(saved_class(config), model_args, config).to(training_args.device)
-    image_processor = load_image_processor(model_args, preset)
 
     start = time.perf_counter()
     train_features, test_features = (

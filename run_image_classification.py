@@ -107,8 +107,8 @@ def main(args: list[str] | None = None) -> dict:
         check_classes_fit(model_args.model_name_or_path, len(names))
     stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
     config = build_config(model_args, preset, stage, **labels)
+    image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForImageClassification, model_args, config)
-    image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
     stream = RandomStream(training_args.seed)

@@ -81,12 +81,12 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     preset = choose_preset(data_args, splits["train"], image_column)
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
     config = build_config(model_args, preset, stage if training_args.do_train else None)
+    image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     if pretraining_args.train_norm_only:
         if model_args.model_name_or_path is None:
             logger.warning("--train_norm_only without --model_name_or_path: A and the embeddings stay as initialised.")
         train_norm_layers_only(model)
-    image_processor = load_image_processor(model_args, preset)
 
     train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
     eval_transform = image_transform(image_processor, train=False)

@@ -414,18 +414,26 @@ def _override_names(overrides: str) -> list[str]:
     return [item.split("=", 1)[0].strip() for item in overrides.split(",") if item.strip()]
 
 
-def load_image_processor(model_args: ModelArguments, preset_name: str):
+def load_image_processor(model_args: ModelArguments, preset_name: str, config: SelfieConfig):
     """The checkpoint's image processor, where it has one, else the preset's. The weights were trained with its
     sizes and normalisation, and `pipeline` runs its steps: a file that is not a valid BitImageProcessor is refused,
-    never silently replaced by the preset's."""
+    never silently replaced by the preset's; so is one whose crops are not the size of `config`'s images."""
     source = model_args.config_name or model_args.model_name_or_path
     path = _image_processor_file(source) if source is not None else None
     if path is None:
         if source is not None:
             logger.info("%s has no image processor; using the %s preset's.", source, preset_name)
-        return get_preset(preset_name).image_processor()
-    _check_image_processor(path)
-    return AutoImageProcessor.from_pretrained(path)
+        processor, origin = get_preset(preset_name).image_processor(), f"the {preset_name} preset's image processor"
+    else:
+        _check_image_processor(path)
+        processor, origin = AutoImageProcessor.from_pretrained(path), path
+    crop = (processor.crop_size["height"], processor.crop_size["width"])
+    if crop != config.image_height_width:
+        raise ValueError(
+            f"{origin} crops images to {crop[0]}x{crop[1]}, but the model takes {'x'.join(map(str, config.image_height_width))} images (changed "
+            "image_size with --config_overrides, or chosen another --preset?): give the two the same size."
+        )
+    return processor
 
 
 def _image_processor_file(source: str) -> str | None:

@@ -245,7 +245,7 @@ def test_a_bad_image_processor_file_is_refused_naming_it_and_the_field(tmp_path,
     checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
     (checkpoint / "preprocessor_config.json").write_text(content(pretrained))
     with pytest.raises(ValueError, match=rf"^{checkpoint}/preprocessor_config\.json{message}"):
-        load_image_processor(ModelArguments(model_name_or_path=str(checkpoint)), "imagenet32")
+        load_image_processor(ModelArguments(model_name_or_path=str(checkpoint)), "imagenet32", tiny_config())
 
 
 def test_a_foreign_image_processor_stops_fine_tuning_before_training(tmp_path, pretrained):
@@ -259,10 +259,22 @@ def test_a_foreign_image_processor_stops_fine_tuning_before_training(tmp_path, p
 def test_a_checkpoint_without_an_image_processor_uses_the_presets(tmp_path, pretrained):
     checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
     (checkpoint / "preprocessor_config.json").unlink()
-    processor = load_image_processor(ModelArguments(model_name_or_path=str(checkpoint)), "cifar10")
+    config = SelfieConfig.from_pretrained(pretrained)
+    processor = load_image_processor(ModelArguments(model_name_or_path=str(checkpoint)), "cifar10", config)
     assert processor.image_mean == pytest.approx([0.4914, 0.4822, 0.4465])  # the cifar10 preset's
     config_file = ModelArguments(config_name=str(pretrained / "config.json"))  # a config file has no image processor
-    assert load_image_processor(config_file, "cifar10").image_mean == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert load_image_processor(config_file, "cifar10", config).image_mean == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+def test_an_image_processor_of_another_size_than_the_model_is_refused_before_training(tmp_path, pretrained):
+    message = r"crops images to 32x32, but the model takes 64x64 images \(changed image_size with --config_overrides"
+    with pytest.raises(ValueError, match=rf"^{pretrained}/preprocessor_config\.json {message}"):
+        pretrain(tmp_path / "run", "--model_name_or_path", str(pretrained), "--max_steps", "1", "--ignore_mismatched_sizes",
+                 "--config_overrides", "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1")
+    with pytest.raises(ValueError, match=rf"^the cifar10 preset's image processor {message}"):
+        pretrain(tmp_path / "run", "--preset", "cifar10", "--max_steps", "1",
+                 "--config_overrides", "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(
