@@ -88,7 +88,9 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             logger.warning("--train_norm_only without --model_name_or_path: A and the embeddings stay as initialised.")
         train_norm_layers_only(model)
 
-    train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    train_transform = image_transform(
+        image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob, borderless=True
+    )
     eval_transform = image_transform(image_processor, train=False)
     masks = (config.num_patches, config.num_masked_patches)
     train_stream, eval_stream = RandomStream(training_args.seed), RandomStream(training_args.seed)

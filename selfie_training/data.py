@@ -373,14 +373,25 @@ class KeepOneChannel(torch.nn.Module):
         return image * (torch.arange(image.shape[0]) == keep).view(-1, 1, 1)
 
 
-def image_transform(processor: BitImageProcessor, train: bool, channel_drop_prob: float = 0.0) -> v2.Compose:
+# The share of a small image that a borderless training crop keeps, at least (see `image_transform`).
+SMALL_IMAGE_CROP_SCALE = (0.5, 1.0)
+
+
+def image_transform(
+    processor: BitImageProcessor, train: bool, channel_drop_prob: float = 0.0, borderless: bool = False
+) -> v2.Compose:
     """RGB PIL image -> normalised tensor, with the sizes and normalisation of the model's image processor.
     Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above, on uint8
     tensors (torchvision's tensor kernels resize about twice as fast as PIL: the data loader keeps up with fewer
-    workers). Evaluation: resize the shortest edge (with PIL) and centre crop, as the image processor does."""
+    workers). Evaluation: resize the shortest edge (with PIL) and centre crop, as the image processor does.
+    `borderless` (pretraining): small images too get a random resized crop (of at least half the image), never
+    padding: the padded border, reflected or blank, tells a patch at the edge where it lies, a shortcut through
+    the patch-placing task that evaluation images do not offer."""
     size = (processor.crop_size["height"], processor.crop_size["width"])
     if not train:
         steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()]
+    elif max(size) <= 64 and borderless:
+        steps = [v2.ToImage(), v2.RandomResizedCrop(size, scale=SMALL_IMAGE_CROP_SCALE), v2.RandomHorizontalFlip()]
     elif max(size) <= 64:
         crop = v2.RandomCrop(size, padding=min(size) // 8, padding_mode="reflect")
         steps = [v2.ToImage(), v2.Resize(min(size)), crop, v2.RandomHorizontalFlip()]

@@ -234,3 +234,20 @@ def test_accuracy_metric_works_offline(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("{'accuracy': 0.3333333333333333, 'top2_accuracy': 0.6666666666666666}")
+
+
+def test_pretraining_crops_of_small_images_add_no_border():
+    """A horizontal ramp stays monotonic along every row under a borderless crop (resized, maybe flipped); a padded
+    crop would add a border (reflected or blank) that tells edge patches where they lie."""
+    processor = get_preset("cifar10").image_processor()
+    ramp = Image.fromarray(np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, axis=0).repeat(3, axis=2).astype(np.uint8))
+    borderless = image_transform(processor, train=True, borderless=True)
+    padded = image_transform(processor, train=True)
+    torch.manual_seed(0)
+
+    def monotonic_rows(tensor: torch.Tensor) -> bool:
+        steps = tensor[0].diff(dim=1)
+        return bool((steps >= -1e-5).all() or (steps <= 1e-5).all())
+
+    assert all(monotonic_rows(borderless(ramp)) for _ in range(50))
+    assert not all(monotonic_rows(padded(ramp)) for _ in range(50))
