@@ -304,12 +304,15 @@ class SelfieModel(SelfiePreTrainedModel):
         features = self.feature_map(patches).mean(dim=(2, 3))
         return self.patch_projection(features).view(pixel_values.shape[0], self.config.num_patches, -1)
 
-    def summarize_feature_map(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """u for whole images: A over every cell of P's feature map, with the position embeddings resized to it."""
+    def summarize_feature_map(self, feature_map: torch.Tensor, output_hidden_states: bool = False) -> tuple:
+        """u for whole images: A over every cell of P's feature map, with the position embeddings resized to it; and
+        A's hidden states where asked for (else None)."""
         rows, columns = feature_map.shape[-2:]
         tokens = self.patch_projection(feature_map.flatten(2).transpose(1, 2))
-        last_hidden_state, _ = self.attention_pooling(tokens + self.position_embeddings((rows, columns)))
-        return last_hidden_state[:, 0]
+        last_hidden_state, hidden_states = self.attention_pooling(
+            tokens + self.position_embeddings((rows, columns)), output_hidden_states
+        )
+        return last_hidden_state[:, 0], hidden_states
 
     @can_return_tuple
     def forward(
@@ -325,7 +328,8 @@ class SelfieModel(SelfiePreTrainedModel):
             True for the patches to hide from the attention pooling network, exactly `num_masked_patches` per
             image. With no mask, u summarises every patch.
         """
-        output_hidden_states = output_hidden_states or self.config.output_hidden_states
+        if output_hidden_states is None:  # an explicit False wins over the config, as in transformers
+            output_hidden_states = self.config.output_hidden_states
         patch_embeddings = self.embed_patches(pixel_values)
         if self.attention_pooling is None:
             return SelfieModelOutput(patch_embeddings=patch_embeddings)
@@ -436,6 +440,7 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
     ) -> ImageClassifierOutputWithNoAttention:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -443,15 +448,22 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
             `image_size` is what it was trained on).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, config.num_labels)`; the loss is the cross-entropy (or as `config.problem_type` says).
+        output_hidden_states (`bool`, *optional*):
+            Return `hidden_states`: P's stage-3 feature map, then stage 4's feature map (`"resnet"` head) or the
+            input and each layer's output of the attention pooling network (`"attention_pooling"` head).
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         feature_map = self.selfie.feature_map(pixel_values)
         if self.stage4 is None:
-            pooled = self.selfie.summarize_feature_map(feature_map)
+            pooled, head_states = self.selfie.summarize_feature_map(feature_map, output_hidden_states)
         else:
-            pooled = self.stage4(feature_map).mean(dim=(2, 3))
+            last_feature_map = self.stage4(feature_map)
+            pooled, head_states = last_feature_map.mean(dim=(2, 3)), (last_feature_map,)
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+        hidden_states = (feature_map, *head_states) if output_hidden_states else None
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 # Each model and the transformers Auto class that loads it (registered in `__init__.py`).

@@ -271,3 +271,30 @@ def test_fresh_resnet_is_initialised_as_timm_initialises_it():
         conv = block.conv2.weight
         fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
         assert conv.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15)  # kaiming, fan-out, relu
+
+
+def test_an_explicit_output_hidden_states_wins_over_the_config():
+    config = tiny_config(output_hidden_states=True)
+    model = SelfieModel(config).eval()
+    pixel_values = images(config)
+    assert len(model(pixel_values).hidden_states) == config.num_hidden_layers + 1
+    assert model(pixel_values, output_hidden_states=False).hidden_states is None
+
+
+@pytest.mark.parametrize("head", ["resnet", "attention_pooling"])
+def test_the_classifier_returns_its_hidden_states(head):
+    config = tiny_config(classifier_head=head)
+    model = SelfieForImageClassification(config).eval()
+    pixel_values = images(config)
+    assert model(pixel_values).hidden_states is None
+    outputs = model(pixel_values, output_hidden_states=True)
+    stage3 = model.selfie.feature_map(pixel_values)
+    torch.testing.assert_close(outputs.hidden_states[0], stage3)
+    if head == "resnet":
+        assert len(outputs.hidden_states) == 2
+        torch.testing.assert_close(outputs.hidden_states[1].mean(dim=(2, 3)) @ model.classifier.weight.T + model.classifier.bias, outputs.logits)
+    else:
+        assert len(outputs.hidden_states) == config.num_hidden_layers + 2
+        assert outputs.hidden_states[1].shape == (2, 1 + stage3.shape[2] * stage3.shape[3], config.hidden_size)
+    as_tuple = model(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(as_tuple) == 2 and len(as_tuple[1]) == len(outputs.hidden_states)
