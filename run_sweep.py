@@ -26,6 +26,7 @@ import numpy as np
 
 import run_image_classification
 import run_pretraining
+from modeling_selfie.configuration_selfie import _is_number
 from selfie_training.model_card import set_section
 from selfie_training.runner import parse_arguments, run
 
@@ -86,10 +87,6 @@ class Sweep:
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [None]
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def flags(settings: dict) -> list[str]:

@@ -102,3 +102,16 @@ def parquet_folder(tmp_path) -> Path:
     root.mkdir()
     Dataset.from_dict({"img": list(images), "label": list(labels)}, features=features).to_parquet(root / "train.parquet")
     return root
+
+
+def last_checkpoint(output: Path, **fields) -> str | None:
+    """find_last_checkpoint as the scripts call it, its lock released after."""
+    from transformers import TrainingArguments
+
+    from selfie_training.runner import find_last_checkpoint, unlock_output_dir
+
+    args = TrainingArguments(output_dir=str(output), do_train=True, report_to="none", **fields)
+    try:
+        return find_last_checkpoint(args)
+    finally:
+        unlock_output_dir(args)

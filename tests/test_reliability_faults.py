@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_FLAGS, class_images, fine_tune, pretrain
+from conftest import TINY_MODEL_FLAGS, class_images, fine_tune, last_checkpoint, pretrain
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from safetensors import SafetensorError
@@ -77,9 +77,7 @@ def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_checkpoint_bef
     assert stopped.value.exit_status == 2
     monkeypatch.setattr(torch, "save", save)
     # The half-written checkpoint-2 is skipped; the rerun resumes from checkpoint-1 and ends where it should.
-    resumed = runner.find_last_checkpoint(runner.TrainingArguments(output_dir=str(output), do_train=True, report_to="none"))
-    runner.unlock_output_dir(runner.TrainingArguments(output_dir=str(output), do_train=True, report_to="none"))
-    assert resumed == str(output / "checkpoint-1")
+    assert last_checkpoint(output) == str(output / "checkpoint-1")
     pretrain(output, *flags)
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_FLAGS, fine_tune, pretrain
+from conftest import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain
 from safetensors.torch import load_file
-from transformers import TrainingArguments
 
-from selfie_training.runner import LOCK_FILE, find_last_checkpoint, unlock_output_dir
+from selfie_training.runner import LOCK_FILE
 from selfie_training.trainer import PretrainingTrainer
 
 
@@ -52,15 +51,6 @@ def run(tmp_path, finished_run) -> Path:
 
 def global_step(state_file: Path) -> int:
     return json.loads(state_file.read_text())["global_step"]
-
-
-def last_checkpoint(output: Path, **fields) -> str | None:
-    """find_last_checkpoint as the scripts call it, its lock released after."""
-    args = TrainingArguments(output_dir=str(output), do_train=True, report_to="none", **fields)
-    try:
-        return find_last_checkpoint(args)
-    finally:
-        unlock_output_dir(args)
 
 
 # Another run's lock, as lock_output_dir takes it: an flock on the lock file, which holds the PID.
