@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 # The PyTorch pair this project is tested with; timm needs torchvision, and the two must match.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test
+.PHONY: install demo test format
 
 install: $(VENV)/.installed
 
@@ -19,5 +19,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(PYTHON) run_sweep.py configs/digits.json
 
+# Lint and format checks first (ruff, configured in pyproject.toml), then the tests.
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Fix what ruff can: import order, formatting.
+format: install
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .

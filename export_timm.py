@@ -46,7 +46,9 @@ def main(args: list[str] | None = None) -> str:
         save_timm_weights(model, output_file)
     except (OSError, SafetensorError) as error:
         raise ValueError(f"--output_file {output_file}: cannot write it ({error}).") from error
-    parts = ", ".join(prefix.rstrip(".") or "conv1, bn1, layer1-3" for prefix in timm_modules(model, with_classifier=True))
+    parts = ", ".join(
+        prefix.rstrip(".") or "conv1, bn1, layer1-3" for prefix in timm_modules(model, with_classifier=True)
+    )
     logger.info("Wrote the timm %s weights (%s, %s stem) to %s.", config.backbone, parts, config.stem, output_file)
     return output_file
 

@@ -120,7 +120,11 @@ def main(args: list[str] | None = None) -> dict:
         eval_runtime=round(time.perf_counter() - start, 2),
     )
     if training_args.should_log:
-        print("***** frozen-feature evaluation *****", *(f"  {name} = {value}" for name, value in results.items()), sep="\n")
+        print(
+            "***** frozen-feature evaluation *****",
+            *(f"  {name} = {value}" for name, value in results.items()),
+            sep="\n",
+        )
     if training_args.should_save:
         save_results(results, training_args.output_dir)
         if indices is not None:
@@ -159,7 +163,11 @@ def evaluate(train, test, num_classes: int, args: EvaluationArguments) -> dict:
     if "linear_probe" in args.protocols:
         results.update(
             linear_probe_accuracy(
-                train, test, num_classes, weight_decay=args.probe_weight_decay, max_iterations=args.probe_max_iterations
+                train,
+                test,
+                num_classes,
+                weight_decay=args.probe_weight_decay,
+                max_iterations=args.probe_max_iterations,
             )
         )
         results.update(linear_probe_weight_decay=args.probe_weight_decay)
@@ -172,7 +180,9 @@ def save_results(results: dict, output_dir: str):
         save_json(os.path.join(output_dir, name), results)
 
 
-def results_markdown(results: dict, args: EvaluationArguments, subset_args: LabelledSubsetArguments, source: str) -> str:
+def results_markdown(
+    results: dict, args: EvaluationArguments, subset_args: LabelledSubsetArguments, source: str
+) -> str:
     """The model card's table: top-1 and top-5 accuracy (%) of each protocol run."""
     names = {
         "knn": f"k-NN (k={args.knn_k}, temperature {args.knn_temperature})",

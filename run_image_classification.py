@@ -116,7 +116,9 @@ def main(args: list[str] | None = None) -> dict:
         model=model,
         args=training_args,
         train_dataset=with_image_transform(train, train_transform, image_column, label_column, stream=stream),
-        eval_dataset=with_image_transform(validation, image_transform(image_processor, train=False), image_column, label_column),
+        eval_dataset=with_image_transform(
+            validation, image_transform(image_processor, train=False), image_column, label_column
+        ),
         data_collator=collate_images,
         data_stream=stream,
         compute_metrics=compute_accuracy,

@@ -97,8 +97,12 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     trainer = PretrainingTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_image_transform(splits["train"], train_transform, image_column, stream=train_stream, masks=masks),
-        eval_dataset=with_image_transform(splits["validation"], eval_transform, image_column, stream=eval_stream, masks=masks),
+        train_dataset=with_image_transform(
+            splits["train"], train_transform, image_column, stream=train_stream, masks=masks
+        ),
+        eval_dataset=with_image_transform(
+            splits["validation"], eval_transform, image_column, stream=eval_stream, masks=masks
+        ),
         data_collator=collate_images,
         data_stream=train_stream,
         eval_stream=eval_stream,
@@ -115,7 +119,9 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         },
     )
     if monitor_args.knn_monitor_samples is not None:
-        trainer.add_callback(build_knn_monitor(trainer, splits, data_args, image_column, image_processor, monitor_args))
+        trainer.add_callback(
+            build_knn_monitor(trainer, splits, data_args, image_column, image_processor, monitor_args)
+        )
     return trainer, training_args, image_processor, checkpoint
 
 

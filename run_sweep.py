@@ -64,7 +64,9 @@ class Sweep:
             raise ValueError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
         unknown = set(settings) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}.")
+            raise ValueError(
+                f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}."
+            )
         if "output_dir" not in settings:
             raise ValueError(f"{path}: no output_dir.")
         sweep = cls(**settings)
@@ -132,7 +134,11 @@ def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: floa
 
 def check_flags(sweep: Sweep, path: str):
     """Parse every run's flags before the first run starts, so that a typo does not surface hours in."""
-    runs = [] if sweep.pretrained_model is not None else [("pretraining", run_pretraining.ARGUMENTS, pretraining_flags(sweep))]
+    runs = (
+        []
+        if sweep.pretrained_model is not None
+        else [("pretraining", run_pretraining.ARGUMENTS, pretraining_flags(sweep))]
+    )
     pretrained = sweep.pretrained_model or os.path.join(sweep.output_dir, "pretraining")
     for method in METHODS:
         runs.append((method, run_image_classification.ARGUMENTS, fine_tuning_flags(sweep, pretrained, method, 0.5, 0)))
@@ -142,7 +148,9 @@ def check_flags(sweep: Sweep, path: str):
         except ValueError as error:
             raise ValueError(f"{path}: the {name} runs' flags are refused: {error}") from error
         except SystemExit as error:  # argparse has printed why
-            raise ValueError(f"{path}: the {name} runs' flags are refused (argparse's line above says why).") from error
+            raise ValueError(
+                f"{path}: the {name} runs' flags are refused (argparse's line above says why)."
+            ) from error
 
 
 def fine_tune(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> float:
@@ -214,7 +222,10 @@ def main(args: list[str] | None = None) -> list[dict]:
     check_flags(sweep, args[0])
     pretrained = pretrain(sweep)
     accuracies = {
-        fraction: {method: [fine_tune(sweep, pretrained, method, fraction, seed) for seed in sweep.seeds] for method in METHODS}
+        fraction: {
+            method: [fine_tune(sweep, pretrained, method, fraction, seed) for seed in sweep.seeds]
+            for method in METHODS
+        }
         for fraction in sweep.label_fractions
     }
     rows = summarise(accuracies)

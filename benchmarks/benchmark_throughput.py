@@ -85,14 +85,21 @@ class BenchmarkArguments:
         default_factory=lambda: [*MODEL_STEPS, *DATA_STEPS], metadata={"help": "Which of them to measure."}
     )
     batch_size: int | None = field(
-        default=None, metadata={"help": "Images per step. Default: 512 (CIFAR) / 256 (ImageNet) on CUDA, 32 / 8 on CPU."}
+        default=None,
+        metadata={"help": "Images per step. Default: 512 (CIFAR) / 256 (ImageNet) on CUDA, 32 / 8 on CPU."},
     )
     steps: int | None = field(default=None, metadata={"help": "Timed steps. Default: 50 on CUDA, 5 on CPU."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Untimed steps first. Default: 10 on CUDA, 2 on CPU."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Untimed steps first. Default: 10 on CUDA, 2 on CPU."}
+    )
     backbone: str = field(default="resnet50", metadata={"help": "The timm ResNet of the peer and of Selfie."})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON of timm.create_model arguments."})
-    config_overrides: str | None = field(default=None, metadata={"help": "SelfieConfig fields, e.g. 'hidden_size=64'."})
-    torch_compile: bool = field(default=False, metadata={"help": "torch.compile every model (the Trainer's flag too)."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "SelfieConfig fields, e.g. 'hidden_size=64'."}
+    )
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile every model (the Trainer's flag too)."}
+    )
     channels_last: bool | None = field(
         default=None,
         metadata={
@@ -105,9 +112,12 @@ class BenchmarkArguments:
         metadata={"help": "Real images for the script and data measurements (a folder or a Hub dataset)."},
     )
     dataloader_num_workers: int | None = field(
-        default=None, metadata={"help": "DataLoader workers. Default: all cores but one on CUDA (16 at most), 1 on CPU."}
+        default=None,
+        metadata={"help": "DataLoader workers. Default: all cores but one on CUDA (16 at most), 1 on CPU."},
     )
-    output_file: str = field(default="outputs/benchmark_throughput.json", metadata={"help": "Where to write the JSON."})
+    output_file: str = field(
+        default="outputs/benchmark_throughput.json", metadata={"help": "Where to write the JSON."}
+    )
 
 
 @dataclass
@@ -140,10 +150,15 @@ class Settings:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
-    for flag, names, known in (("--grids", args.grids, NUM_CLASSES), ("--measurements", args.measurements, MEASUREMENTS)):
+    for flag, names, known in (
+        ("--grids", args.grids, NUM_CLASSES),
+        ("--measurements", args.measurements, MEASUREMENTS),
+    ):
         if unknown := [name for name in names if name not in known]:
             raise ValueError(f"{flag} {' '.join(unknown)}: choose among {', '.join(known)}.")
-    logging.basicConfig(format="%(asctime)s - %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)]
+    )
     device = in_own_process(probe_device)  # the parent keeps off the GPU, whose memory the measurements share
     precision = "bf16 autocast" if device["type"] == "cuda" else "float32"
     report = {"device": device["name"], "precision": precision, "torch": torch.__version__, "arguments": asdict(args)}
@@ -195,7 +210,9 @@ def measure_peer(settings: Settings) -> dict:
     resnet = create_resnet(settings.model_config())
     resnet.reset_classifier(NUM_CLASSES[settings.grid])
     labels = torch.randint(NUM_CLASSES[settings.grid], (settings.batch_size,))
-    return _measure_step(settings, resnet, {"labels": labels}, lambda model, images, labels: F.cross_entropy(model(images), labels))
+    return _measure_step(
+        settings, resnet, {"labels": labels}, lambda model, images, labels: F.cross_entropy(model(images), labels)
+    )
 
 
 def measure_selfie(settings: Settings) -> dict:
@@ -296,7 +313,10 @@ def _compile_report(settings: Settings) -> dict:
     if not settings.args.torch_compile:
         return {}
     counters = torch._dynamo.utils.counters
-    return {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
 def measure_script(settings: Settings) -> dict:

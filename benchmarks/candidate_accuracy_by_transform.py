@@ -67,8 +67,11 @@ def main():
                 dataset = with_image_transform(images, transform, column, stream=RandomStream(0), masks=masks)
                 accuracy = candidate_accuracy(model, dataset, on_batch)
                 statistics = "the batch's" if on_batch else "running"
-                print(f"{split_name} images, {transform_name} transform, BatchNorm on {statistics} statistics: "
-                      f"candidate accuracy {accuracy:.3f}", flush=True)
+                print(
+                    f"{split_name} images, {transform_name} transform, BatchNorm on {statistics} statistics: "
+                    f"candidate accuracy {accuracy:.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -195,11 +195,17 @@ class SelfieConfig(PreTrainedConfig):
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
         if self.backbone_pretrained and self.backbone_norm != "batchnorm":
-            _fail("backbone_pretrained", True, f"needs backbone_norm='batchnorm' (timm's weights), not {self.backbone_norm!r}")
+            _fail(
+                "backbone_pretrained",
+                True,
+                f"needs backbone_norm='batchnorm' (timm's weights), not {self.backbone_norm!r}",
+            )
         for name in ("num_channels", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             _check_positive_int(name, getattr(self, name))
         size = self.image_size
-        if not (_is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size)))):
+        if not (
+            _is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size)))
+        ):
             _fail("image_size", size, "must be a positive int or [height, width]")
         if any(side % self.patch_size for side in self.image_height_width):
             _fail("patch_size", self.patch_size, f"must divide image_size {size}")
@@ -213,8 +219,12 @@ class SelfieConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
                 _fail(name, value, "must be a positive number")
-        if self.score_temperature is not None and (not _is_number(self.score_temperature) or self.score_temperature <= 0):
-            _fail("score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)")
+        if self.score_temperature is not None and (
+            not _is_number(self.score_temperature) or self.score_temperature <= 0
+        ):
+            _fail(
+                "score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)"
+            )
         self._check_training_stages()
 
     def _check_backbone_kwargs(self):
@@ -240,9 +250,15 @@ class SelfieConfig(PreTrainedConfig):
             field = f"training_stages[{index}]"
             task = stage.get("task") if isinstance(stage, dict) else None
             if not isinstance(task, str) or task not in TRAINING_STAGE_FIELDS:
-                _fail(field, stage, f"must be a dict whose 'task' is one of {', '.join(map(repr, TRAINING_STAGE_FIELDS))}")
+                _fail(
+                    field,
+                    stage,
+                    f"must be a dict whose 'task' is one of {', '.join(map(repr, TRAINING_STAGE_FIELDS))}",
+                )
             fields = TRAINING_STAGE_FIELDS[task]
-            if stage.keys() != {"task", *fields} or not all(isinstance(stage[name], kind) for name, kind in fields.items()):
+            if stage.keys() != {"task", *fields} or not all(
+                isinstance(stage[name], kind) for name, kind in fields.items()
+            ):
                 expected = ", ".join(f"{name!r} ({kind.__name__})" for name, kind in fields.items())
                 _fail(field, stage, f"must hold 'task' and {expected}, nothing else")
             if task == "timm_weights" and index > 0:
@@ -320,8 +336,12 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 PRESETS = {
     "cifar10": SelfiePreset(32, 8, "cifar", 4, CIFAR10_MEAN, CIFAR10_STD, resize_shortest_edge=32),
-    "imagenet32": SelfiePreset(32, 8, "cifar", 4, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=32),
-    "imagenet224": SelfiePreset(224, 32, "imagenet", 12, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=256),
+    "imagenet32": SelfiePreset(
+        32, 8, "cifar", 4, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=32
+    ),
+    "imagenet224": SelfiePreset(
+        224, 32, "imagenet", 12, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=256
+    ),
 }
 
 

@@ -78,7 +78,11 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 
 NORM_LAYERS = {"batchnorm": nn.BatchNorm2d, "layernorm": LayerNorm2d, "groupnorm": _group_norm}
-NORM_LAYER_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)  # every norm of the models (LayerNorm2d is a LayerNorm)
+NORM_LAYER_TYPES = (
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)  # every norm of the models (LayerNorm2d is a LayerNorm)
 LAST_NORM_OF_BLOCK = {BasicBlock: "bn2", Bottleneck: "bn3"}  # the norms timm's `zero_init_last` zeroes
 
 
@@ -127,7 +131,9 @@ def patchify(pixel_values: torch.Tensor, patch_size: int, channels_last: bool = 
     # writes them in the layout that P's convolutions run in, so that they need no conversion of their own.
     patches = pixel_values.reshape(batch_size, channels, rows, patch_size, columns, patch_size)
     if channels_last:
-        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch_size * rows * columns, patch_size, patch_size, channels)
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(
+            batch_size * rows * columns, patch_size, patch_size, channels
+        )
         return patches.permute(0, 3, 1, 2)
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size * rows * columns, channels, patch_size, patch_size)
 
@@ -299,7 +305,9 @@ class SelfieModel(SelfiePreTrainedModel):
         # All patches of all images go through P in one batch, in the memory format of P's weights (channels_last
         # after `model.to(memory_format=torch.channels_last)`).
         stem_weight = next(self.patch_network.parameters())
-        channels_last = stem_weight.is_contiguous(memory_format=torch.channels_last) and not stem_weight.is_contiguous()
+        channels_last = (
+            stem_weight.is_contiguous(memory_format=torch.channels_last) and not stem_weight.is_contiguous()
+        )
         patches = patchify(pixel_values, self.config.patch_size, channels_last)
         features = self.feature_map(patches).mean(dim=(2, 3))
         return self.patch_projection(features).view(pixel_values.shape[0], self.config.num_patches, -1)

@@ -79,7 +79,11 @@ def load_timm_weights(model: SelfiePreTrainedModel, path: str):
             source = state_dict.get(key)
             if key == STEM_WEIGHT and model.config.stem == "cifar" and getattr(source, "shape", None) != tensor.shape:
                 logger.warning(
-                    "%s: %s is %s, not the CIFAR stem's %s; the stem starts fresh.", path, key, _shape(source), _shape(tensor)
+                    "%s: %s is %s, not the CIFAR stem's %s; the stem starts fresh.",
+                    path,
+                    key,
+                    _shape(source),
+                    _shape(tensor),
                 )
                 continue
             if source is None:

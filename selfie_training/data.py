@@ -39,7 +39,9 @@ class DataArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     train_dir: str | None = field(default=None, metadata={"help": "A local folder of training images or files."})
-    validation_dir: str | None = field(default=None, metadata={"help": "A local folder of validation images or files."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "A local folder of validation images or files."}
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": f"The image column. Default: the first of {IMAGE_COLUMNS} or of Image type."}
     )
@@ -88,13 +90,19 @@ class DataArguments:
 
     def __post_init__(self):
         # `not 0 <= x <= 1` holds for NaN too, which every comparison fails.
-        shares = {"--channel_drop_prob": self.channel_drop_prob, "--max_unreadable_fraction": self.max_unreadable_fraction}
+        shares = {
+            "--channel_drop_prob": self.channel_drop_prob,
+            "--max_unreadable_fraction": self.max_unreadable_fraction,
+        }
         for flag, value in shares.items():
             if not 0 <= value <= 1:
                 raise ValueError(f"{flag} {value} must be in [0, 1].")
         if not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
-        for flag, value in {"--max_train_samples": self.max_train_samples, "--max_eval_samples": self.max_eval_samples}.items():
+        for flag, value in {
+            "--max_train_samples": self.max_train_samples,
+            "--max_eval_samples": self.max_eval_samples,
+        }.items():
             if value is not None and value < 0:
                 raise ValueError(f"{flag} {value} must be at least 0.")
 
@@ -167,7 +175,6 @@ def _load(flag: str, path: str, args: DataArguments, **kwargs):
         raise ValueError(f"{flag} {path}: {str(error).strip().splitlines()[0]}") from error
 
 
-
 def _hold_out(train, args: DataArguments):
     if isinstance(train, IterableDataset):
         size = args.max_eval_samples or 1000
@@ -200,7 +207,9 @@ def digits_dataset() -> DatasetDict:
         for pixels in digits.images
     ]
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    return DatasetDict({"train": Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)})
+    return DatasetDict(
+        {"train": Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)}
+    )
 
 
 def _column_names(dataset) -> list[str]:
@@ -228,7 +237,9 @@ def find_label_column(dataset, given: str | None = None, required: bool = True) 
         if name in columns:
             return name
     if required:
-        raise ValueError(f"No label column found among the dataset's columns {columns}; name it with --label_column_name.")
+        raise ValueError(
+            f"No label column found among the dataset's columns {columns}; name it with --label_column_name."
+        )
     return None
 
 
@@ -255,8 +266,12 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
     ids = {name: i for i, name in enumerate(names)}
     unknown = sorted({str(value) for value in dataset[label_column]} - ids.keys())
     if unknown:
-        raise ValueError(f"Labels {unknown[:5]} in column {label_column!r} are not among the training classes {names[:10]}.")
-    encoded = dataset.map(lambda batch: {label_column: [ids[str(value)] for value in batch[label_column]]}, batched=True)
+        raise ValueError(
+            f"Labels {unknown[:5]} in column {label_column!r} are not among the training classes {names[:10]}."
+        )
+    encoded = dataset.map(
+        lambda batch: {label_column: [ids[str(value)] for value in batch[label_column]]}, batched=True
+    )
     return encoded.cast_column(label_column, ClassLabel(names=names)), names
 
 
@@ -300,7 +315,9 @@ def check_labels(dataset, label_column: str, names: list[str], split: str):
         )
 
 
-def labelled_indices(dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None) -> list[int]:
+def labelled_indices(
+    dataset: Dataset, label_column: str, seed: int, fraction: float | None = None, per_class: int | None = None
+) -> list[int]:
     """A class-balanced subset, as sorted row indices: `round(fraction * n_c)` or `per_class` images of every class
     c, drawn with `seed` alone, so that every method and training seed sees the same labelled images."""
     labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
@@ -344,7 +361,9 @@ class LabelledSubsetArguments:
         if not self.selects_subset:
             return train, None
         if isinstance(train, IterableDataset):
-            raise ValueError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
+            raise ValueError(
+                "--label_fraction and --labels_per_class need the whole training split: drop --streaming."
+            )
         indices = labelled_indices(train, label_column, self.label_seed, self.label_fraction, self.labels_per_class)
         logger.info("Labelled subset: %d images (label seed %d).", len(indices), self.label_seed)
         return train.select(indices), indices

@@ -133,7 +133,12 @@ def linear_probe_accuracy(
     weight = train.features.new_zeros(num_classes, inputs.shape[1], requires_grad=True)
     bias = train.features.new_zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1, max_iter=max_iterations, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+        [weight, bias],
+        lr=1,
+        max_iter=max_iterations,
+        tolerance_grad=1e-6,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():

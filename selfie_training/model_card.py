@@ -22,7 +22,8 @@ SECTIONS = {
     "frozen_features": "Frozen-feature evaluation",  # run_evaluation.py
 }
 
-TEMPLATE = """---
+TEMPLATE = (
+    """---
 {{ card_data }}
 ---
 
@@ -34,7 +35,9 @@ TEMPLATE = """---
 
 {{ results }}
 
-""" + "\n".join(f"<!-- {name} -->\n<!-- /{name} -->\n" for name in SECTIONS) + """
+"""
+    + "\n".join(f"<!-- {name} -->\n<!-- /{name} -->\n" for name in SECTIONS)
+    + """
 ## Training data
 
 {{ dataset_description }}
@@ -68,6 +71,7 @@ The model code is saved with the weights, so `trust_remote_code=True` loads it w
 {{ citation }}
 ```
 """
+)
 
 USAGE = {
     "pretraining": """from transformers import AutoImageProcessor, AutoModel
@@ -108,8 +112,10 @@ def write_model_card(trainer, *, task: str, dataset: str, dataset_description: s
         datasets=[dataset] if is_hub_dataset else None,
         pipeline_tag="image-classification" if task == "classification" else "image-feature-extraction",
     )
-    head = "stage 4, average pooling and a linear classifier" if config.classifier_head == "resnet" else (
-        "the attention pooling network and a linear classifier"
+    head = (
+        "stage 4, average pooling and a linear classifier"
+        if config.classifier_head == "resnet"
+        else ("the attention pooling network and a linear classifier")
     )
     _, log_lines, _ = parse_log_history(trainer.state.log_history)
     hyperparameters = extract_hyperparameters_from_trainer(trainer)
@@ -163,7 +169,9 @@ def _results_table(log_history: list[dict]) -> str:
         return "Not evaluated."
     latest = evaluations[-1]
     rows = [f"| {name.removeprefix('eval_')} | {value:.4f} |" for name, value in latest.items() if _is_result(name)]
-    return "\n".join([f"On the validation split, after {latest['step']} steps:", "", "| metric | value |", "|---|---|", *rows])
+    return "\n".join(
+        [f"On the validation split, after {latest['step']} steps:", "", "| metric | value |", "|---|---|", *rows]
+    )
 
 
 def _is_result(name: str) -> bool:
@@ -178,8 +186,10 @@ def set_section(card_path: str, name: str, markdown: str):
     section = f"{start}\n## {SECTIONS[name]}\n\n{markdown}\n{end}"
     if start not in card.text:
         heading = "## Training data"
-        card.text = card.text.replace(heading, f"{start}\n{end}\n\n{heading}", 1) if heading in card.text else (
-            f"{card.text.rstrip()}\n\n{start}\n{end}\n"
+        card.text = (
+            card.text.replace(heading, f"{start}\n{end}\n\n{heading}", 1)
+            if heading in card.text
+            else (f"{card.text.rstrip()}\n\n{start}\n{end}\n")
         )
     pattern = re.escape(start) + ".*?" + re.escape(end)
     card.text = re.sub(pattern, lambda _: section, card.text, flags=re.DOTALL)

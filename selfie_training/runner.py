@@ -40,16 +40,20 @@ class ModelArguments:
         default=None,
         metadata={"help": "A Selfie checkpoint or config whose architecture to build with fresh weights."},
     )
-    backbone: str | None = field(default=None, metadata={"help": "A timm ResNet name, instead of the preset's resnet50."})
+    backbone: str | None = field(
+        default=None, metadata={"help": "A timm ResNet name, instead of the preset's resnet50."}
+    )
     backbone_kwargs: str | None = field(
-        default=None, metadata={"help": 'JSON of timm.create_model arguments, e.g. \'{"channels": [16, 32, 64, 128]}\'.'}
+        default=None,
+        metadata={"help": "JSON of timm.create_model arguments, e.g. '{\"channels\": [16, 32, 64, 128]}'."},
     )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "SelfieConfig fields to override, e.g. 'num_masked_patches=6,num_hidden_layers=2'."},
     )
     ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Start weights afresh where the checkpoint's shapes differ (another num_labels)."}
+        default=False,
+        metadata={"help": "Start weights afresh where the checkpoint's shapes differ (another num_labels)."},
     )
     channels_last: bool = field(
         default=False,
@@ -158,7 +162,7 @@ def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
         return checkpoint
     if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
         return None
-    for step, name in sorted(_checkpoints(training_args.output_dir), reverse=True):
+    for _, name in sorted(_checkpoints(training_args.output_dir), reverse=True):
         checkpoint = os.path.join(training_args.output_dir, name)
         problem = _checkpoint_problem(checkpoint)
         if problem:
@@ -250,13 +254,17 @@ def load_selfie_config(source: str, flag: str) -> SelfieConfig:
     except OSError as error:
         raise ValueError(f"{flag} {source}: no readable config.json ({_first_line(error)})") from error
     if not isinstance(values, dict):
-        raise ValueError(f"{flag} {source}: its config.json holds a JSON {type(values).__name__}, not an object of fields.")
+        raise ValueError(
+            f"{flag} {source}: its config.json holds a JSON {type(values).__name__}, not an object of fields."
+        )
     if values.get("model_type") != SelfieConfig.model_type:
         raise ValueError(f"{flag} {source} holds a {values.get('model_type')!r} model, not a Selfie one.")
     try:
         return SelfieConfig.from_dict(values)
     except (TypeError, ValueError, AttributeError) as error:  # Selfie's fields raise ValueError, transformers' any
-        raise ValueError(f"{flag} {source}: its config.json is not a valid Selfie config: {_first_line(error)}") from error
+        raise ValueError(
+            f"{flag} {source}: its config.json is not a valid Selfie config: {_first_line(error)}"
+        ) from error
 
 
 def build_model(model_class, model_args: ModelArguments, config: SelfieConfig):
@@ -316,7 +324,9 @@ def _check_loading(model, info: dict, source: str, ignore_mismatched_sizes: bool
     leaves A unused); of another shape, they start afresh only with --ignore_mismatched_sizes."""
     patch_network = _patch_network_keys(model)
     shapes = {key: (tuple(saved), tuple(built)) for key, saved, built in info["mismatched_keys"]}
-    refused = [key for key in model.state_dict() if key in shapes and (key in patch_network or not ignore_mismatched_sizes)]
+    refused = [
+        key for key in model.state_dict() if key in shapes and (key in patch_network or not ignore_mismatched_sizes)
+    ]
     if refused:
         key, (saved, built) = refused[0], shapes[refused[0]]
         advice = (
@@ -345,7 +355,9 @@ def _patch_network_keys(model) -> set[str]:
 def _check_finite(model, source: str):
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: tensor {name!r} holds NaN or infinite values (the weights of a diverged run?).")
+            raise ValueError(
+                f"{source}: tensor {name!r} holds NaN or infinite values (the weights of a diverged run?)."
+            )
 
 
 def _first_line(error: Exception) -> str:
@@ -454,7 +466,9 @@ IMAGE_PROCESSOR_FIELDS = {
         "crop, normalise)",
     ),
     "crop_size": (
-        lambda value: isinstance(value, dict) and all(_is_positive_int(value.get(side)) for side in ("height", "width")),
+        lambda value: (
+            isinstance(value, dict) and all(_is_positive_int(value.get(side)) for side in ("height", "width"))
+        ),
         "must be {'height': int, 'width': int}",
     ),
     "size": (
@@ -462,7 +476,10 @@ IMAGE_PROCESSOR_FIELDS = {
         "must be {'shortest_edge': int}",
     ),
     "image_mean": (lambda value: _are_numbers(value, 3), "must be 3 numbers, one a channel"),
-    "image_std": (lambda value: _are_numbers(value, 3) and min(value) > 0, "must be 3 positive numbers, one a channel"),
+    "image_std": (
+        lambda value: _are_numbers(value, 3) and min(value) > 0,
+        "must be 3 positive numbers, one a channel",
+    ),
 }
 IMAGE_PROCESSOR_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")  # the transforms do them all
 
@@ -475,12 +492,16 @@ def _check_image_processor(path: str):
         raise ValueError(f"{path} is not a readable JSON file ({error}).") from error
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a JSON {type(values).__name__}, not the fields of an image processor.")
-    for field, (valid, requirement) in IMAGE_PROCESSOR_FIELDS.items():
-        if not valid(values.get(field)):
-            raise ValueError(f"{path}: {field}={values.get(field)!r} {requirement}; without the file, the preset's is used.")
+    for name, (valid, requirement) in IMAGE_PROCESSOR_FIELDS.items():
+        if not valid(values.get(name)):
+            raise ValueError(
+                f"{path}: {name}={values.get(name)!r} {requirement}; without the file, the preset's is used."
+            )
     for step in IMAGE_PROCESSOR_STEPS:
         if values.get(step, True) is not True:
-            raise ValueError(f"{path}: {step}={values[step]!r} must be true: the training transforms always do this step.")
+            raise ValueError(
+                f"{path}: {step}={values[step]!r} must be true: the training transforms always do this step."
+            )
 
 
 def _are_numbers(value, count: int) -> bool:

@@ -101,7 +101,9 @@ class SelfieTrainer(Trainer):
         --output_dir where that is saved (it logs the training's summary, which the model card reads)."""
         logger.warning(
             "%s is at step %d of this run's %d: the run had finished, and is not trained further.",
-            checkpoint, state.global_step, max_steps,
+            checkpoint,
+            state.global_step,
+            max_steps,
         )
         try:
             final_state = TrainerState.load_from_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
@@ -125,7 +127,9 @@ class SelfieTrainer(Trainer):
     def _load_scaler(self, checkpoint: str):
         # The loss scale of an --fp16 run means nothing to a run without one (bf16, fp32): Trainer would fail on it.
         if self.accelerator.scaler is None and os.path.isfile(os.path.join(checkpoint, SCALER_NAME)):
-            logger.warning("Ignoring %s: this run scales no losses (no --fp16).", os.path.join(checkpoint, SCALER_NAME))
+            logger.warning(
+                "Ignoring %s: this run scales no losses (no --fp16).", os.path.join(checkpoint, SCALER_NAME)
+            )
             return
         super()._load_scaler(checkpoint)
 
@@ -193,7 +197,11 @@ class SelfieTrainer(Trainer):
             options = {key: value for key, value in group.items() if key != "params"}
             groups.append({**options, "params": [p for p in group["params"] if id(p) not in pretrained]})
             groups.append(
-                {**options, "params": [p for p in group["params"] if id(p) in pretrained], "lr": self.pretrained_learning_rate}
+                {
+                    **options,
+                    "params": [p for p in group["params"] if id(p) in pretrained],
+                    "lr": self.pretrained_learning_rate,
+                }
             )
         optimizer.param_groups = []  # regrouped in place: the optimizer has no state yet
         for group in groups:

@@ -70,7 +70,9 @@ def fine_tune(output_dir: Path, *flags: str) -> dict:
     """run_image_classification.py in this process, quiet, training and evaluating."""
     import run_image_classification
 
-    return run_image_classification.main(["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags])
+    return run_image_classification.main(
+        ["--output_dir", str(output_dir), "--do_train", "--do_eval", *QUIET_FLAGS, *flags]
+    )
 
 
 def class_images(num_classes: int, per_class: int, size=(40, 36), seed: int = 0):
@@ -96,11 +98,13 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture
 def parquet_folder(tmp_path) -> Path:
     """A parquet file with an `img` Image column and a `label` ClassLabel column, as the Hub's CIFAR-10 has."""
-    images, labels = zip(*class_images(6, 8, size=(32, 32)))
+    images, labels = zip(*class_images(6, 8, size=(32, 32)), strict=True)
     features = Features({"img": ImageFeature(), "label": ClassLabel(names=[f"c{i}" for i in range(6)])})
     root = tmp_path / "parquet"
     root.mkdir()
-    Dataset.from_dict({"img": list(images), "label": list(labels)}, features=features).to_parquet(root / "train.parquet")
+    Dataset.from_dict({"img": list(images), "label": list(labels)}, features=features).to_parquet(
+        root / "train.parquet"
+    )
     return root
 
 

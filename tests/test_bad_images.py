@@ -27,6 +27,7 @@ def encoded(image: Image.Image, format: str) -> dict:
 
 def png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> dict:
     """A PNG written by hand, for what PIL cannot write: 16 bits a colour channel, a zero width."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -135,7 +136,8 @@ def adobe_cmyk_jpeg() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: frames("GIF"), lambda: frames("TIFF"), lambda: frames("PNG"), with_icc_profile, adobe_cmyk_jpeg],
+    "make",
+    [lambda: frames("GIF"), lambda: frames("TIFF"), lambda: frames("PNG"), with_icc_profile, adobe_cmyk_jpeg],
     ids=["gif-frames", "tiff-pages", "animated-png", "icc-profile", "adobe-cmyk-jpeg"],
 )
 def test_first_frames_icc_profiles_and_adobe_cmyk_read_as_transformers_reads_them(tmp_path, make):
@@ -193,10 +195,24 @@ def test_pretraining_skips_and_names_bad_files_and_keeps_the_odd_good_ones(tmp_p
     bad = write_bad_files(folder)
 
     output = tmp_path / "run"
-    metrics = run_pretraining.main([
-        "--output_dir", str(output), "--do_train", "--do_eval", "--train_dir", str(folder), "--train_val_split", "0.2",
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "8", *TINY_MODEL_FLAGS, *QUIET_FLAGS,
-    ])
+    metrics = run_pretraining.main(
+        [
+            "--output_dir",
+            str(output),
+            "--do_train",
+            "--do_eval",
+            "--train_dir",
+            str(folder),
+            "--train_val_split",
+            "0.2",
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            *TINY_MODEL_FLAGS,
+            *QUIET_FLAGS,
+        ]
+    )
 
     assert (output / "model.safetensors").is_file() and metrics["eval_loss"] > 0
     named = (output / "unreadable_images.txt").read_text().splitlines()
@@ -211,11 +227,27 @@ def test_too_many_bad_files_stop_the_run(tmp_path):
     for index, (image, _) in enumerate(class_images(1, 12)):
         image.save(folder / f"good_{index}.png")
     write_bad_files(folder)
-    with pytest.raises(TrainingStopped, match=r"of the \d+ images read so far could not be decoded, more than --max_unreadable_fraction 0.001; they are listed in"):
-        run_pretraining.main([
-            "--output_dir", str(tmp_path / "run"), "--do_train", "--train_dir", str(folder), "--max_steps", "4",
-            "--per_device_train_batch_size", "8", "--max_unreadable_fraction", "0.001", *TINY_MODEL_FLAGS, *QUIET_FLAGS,
-        ])
+    with pytest.raises(
+        TrainingStopped,
+        match=r"of the \d+ images read so far could not be decoded, more than --max_unreadable_fraction 0.001; they are listed in",
+    ):
+        run_pretraining.main(
+            [
+                "--output_dir",
+                str(tmp_path / "run"),
+                "--do_train",
+                "--train_dir",
+                str(folder),
+                "--max_steps",
+                "4",
+                "--per_device_train_batch_size",
+                "8",
+                "--max_unreadable_fraction",
+                "0.001",
+                *TINY_MODEL_FLAGS,
+                *QUIET_FLAGS,
+            ]
+        )
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -228,15 +260,28 @@ def test_a_batch_without_a_readable_image_is_skipped_and_its_file_named(tmp_path
     for folder in (train, validation):
         (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     flags = [
-        "--do_train", "--train_dir", str(train), "--validation_dir", str(validation), "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "1", *TINY_MODEL_FLAGS, *QUIET_FLAGS, "--per_device_eval_batch_size", "1",
+        "--do_train",
+        "--train_dir",
+        str(train),
+        "--validation_dir",
+        str(validation),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "1",
+        *TINY_MODEL_FLAGS,
+        *QUIET_FLAGS,
+        "--per_device_eval_batch_size",
+        "1",
     ]
 
     output = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="selfie_training.trainer"):
         metrics = run_pretraining.main(["--output_dir", str(output), "--do_eval", *flags])
     assert (output / "model.safetensors").is_file() and math.isfinite(metrics["eval_loss"])
-    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 7  # every batch, the empty one too
+    assert (
+        json.loads((output / "trainer_state.json").read_text())["global_step"] == 7
+    )  # every batch, the empty one too
     named = (output / "unreadable_images.txt").read_text().splitlines()
     assert len(named) == 2 and named[0].startswith(f"{train / 'corrupt.png'} (")
     assert named[1].startswith(f"{validation / 'corrupt.png'} (")  # evaluation skips its empty batch too

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from conftest import REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS
+from torch.utils.flop_counter import FlopCounterMode
 
 
 sys.path.insert(0, str(REPOSITORY / "benchmarks"))
@@ -47,7 +46,9 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
         )
         for row in step.values():
             if "flops_per_image" in row:
-                assert row["tflops_per_second"] == pytest.approx(row["flops_per_image"] * row["images_per_second"] / 1e12)
+                assert row["tflops_per_second"] == pytest.approx(
+                    row["flops_per_image"] * row["images_per_second"] / 1e12
+                )
     table = capsys.readouterr().out
     assert "| grid" in table and "x peer" in table and table.count("imagenet224") == len(measurements)
 
@@ -77,5 +78,7 @@ def test_benchmark_counts_the_flops_of_a_whole_training_step(tmp_path):
 )
 def test_benchmark_refuses_bad_flags_in_one_line(flags, message, tmp_path):
     with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")) as error:
-        benchmark_throughput.main([*flags, "--batch_size", "2", "--steps", "1", "--output_file", str(tmp_path / "out.json")])
+        benchmark_throughput.main(
+            [*flags, "--batch_size", "2", "--steps", "1", "--output_file", str(tmp_path / "out.json")]
+        )
     assert "\n" not in str(error.value)

@@ -74,14 +74,22 @@ def pretrain_a_little(config) -> SelfieForMaskedPatchPrediction:
 def test_pretraining_checkpoint_carries_p_into_the_resnet_classifier(tmp_path):
     pretrained = pretrain_a_little(tiny_config())
     pretrained.save_pretrained(tmp_path)
-    classifier, info = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=7, output_loading_info=True)
+    classifier, info = AutoModelForImageClassification.from_pretrained(
+        tmp_path, num_labels=7, output_loading_info=True
+    )
 
     assert isinstance(classifier, SelfieForImageClassification)
     assert classifier.classifier.out_features == 7
-    assert_same_tensors(state_dict_under(pretrained, "selfie.patch_network."), state_dict_under(classifier, "selfie.patch_network."))
+    assert_same_tensors(
+        state_dict_under(pretrained, "selfie.patch_network."), state_dict_under(classifier, "selfie.patch_network.")
+    )
     # Fresh weights are reported the transformers way: stage 4 and the classifier missing, A unused.
     assert {key.split(".")[0] for key in info["missing_keys"]} == {"stage4", "classifier"}
-    assert {key.split(".")[1] for key in info["unexpected_keys"]} == {"attention_pooling", "position_embeddings", "patch_projection"}
+    assert {key.split(".")[1] for key in info["unexpected_keys"]} == {
+        "attention_pooling",
+        "position_embeddings",
+        "patch_projection",
+    }
     # Stage 4 starts as timm starts a ResNet stage: the last norm of every residual branch at zero.
     assert classifier.stage4[0].bn3.weight.abs().sum() == 0
     assert classifier.stage4[0].conv1.weight.std() > 0
@@ -141,7 +149,10 @@ def test_trust_remote_code_in_a_fresh_process_offline(tmp_path):
     model = SelfieForMaskedPatchPrediction(config).eval()
     model.save_pretrained(tmp_path / "checkpoint")
     pixel_values, mask = images(config), fixed_mask(config)
-    torch.save({"pixel_values": pixel_values, "mask": mask, "logits": model(pixel_values, bool_masked_pos=mask).logits}, tmp_path / "io.pt")
+    torch.save(
+        {"pixel_values": pixel_values, "mask": mask, "logits": model(pixel_values, bool_masked_pos=mask).logits},
+        tmp_path / "io.pt",
+    )
     script = textwrap.dedent(
         """
         import sys

@@ -15,9 +15,9 @@ from selfie_training.data import (
     DataArguments,
     KeepOneChannel,
     RandomStream,
+    check_labels,
     choose_preset,
     collate_images,
-    check_labels,
     digits_dataset,
     encode_labels,
     find_image_column,
@@ -82,7 +82,10 @@ def test_columns_are_detected_or_named():
     assert find_image_column(dataset) == "img"
     assert find_label_column(dataset) == "fine_label"
     assert find_label_column(dataset, "coarse") == "coarse"
-    with pytest.raises(ValueError, match=r"--label_column_name 'species' is not a column of the dataset; its columns are \['img', 'fine_label', 'coarse'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"--label_column_name 'species' is not a column of the dataset; its columns are \['img', 'fine_label', 'coarse'\]",
+    ):
         find_label_column(dataset, "species")
     unlabelled = Dataset.from_dict({"picture": ["a"]})
     with pytest.raises(ValueError, match=r"No image column found among the dataset's columns \['picture'\]"):
@@ -102,7 +105,9 @@ def test_integer_labels_become_classes_and_other_splits_follow_train():
 
 def test_labels_outside_the_classes_are_refused():
     dataset = Dataset.from_dict({"label": [0, 2, -1]}, features=Features({"label": ClassLabel(num_classes=3)}))
-    with pytest.raises(ValueError, match=r"The validation split has label ids \[-1\] in column 'label', outside the 3 classes"):
+    with pytest.raises(
+        ValueError, match=r"The validation split has label ids \[-1\] in column 'label', outside the 3 classes"
+    ):
         check_labels(dataset, "label", ["a", "b", "c"], "validation")
     check_labels(dataset.select([0, 1]), "label", ["a", "b", "c"], "validation")
 
@@ -160,7 +165,7 @@ def test_masks_are_drawn_per_image_from_the_data_stream():
     assert len({tuple(row.tolist()) for row in first}) > 1  # every image its own mask
     assert not torch.equal(first, second)  # every batch new masks
     torch.manual_seed(123)  # the model's generator does not move the data stream
-    assert all(torch.equal(a, b) for a, b in zip(masked_images(seed=7), (first, second)))
+    assert all(torch.equal(a, b) for a, b in zip(masked_images(seed=7), (first, second), strict=True))
     assert not torch.equal(masked_images(seed=8)[0], first)
 
 
@@ -230,7 +235,13 @@ def test_accuracy_metric_works_offline(tmp_path):
         print(TopKAccuracy(keep_in_memory=True).compute(predictions=[[1, 0], [2, 1], [0, 2]], references=[1, 1, 1]))
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+    }
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("{'accuracy': 0.3333333333333333, 'top2_accuracy': 0.6666666666666666}")
@@ -240,7 +251,9 @@ def test_pretraining_crops_of_small_images_add_no_border():
     """A horizontal ramp stays monotonic along every row under a borderless crop (resized, maybe flipped); a padded
     crop would add a border (reflected or blank) that tells edge patches where they lie."""
     processor = get_preset("cifar10").image_processor()
-    ramp = Image.fromarray(np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, axis=0).repeat(3, axis=2).astype(np.uint8))
+    ramp = Image.fromarray(
+        np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, axis=0).repeat(3, axis=2).astype(np.uint8)
+    )
     borderless = image_transform(processor, train=True, borderless=True)
     padded = image_transform(processor, train=True)
     torch.manual_seed(0)

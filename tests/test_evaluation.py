@@ -37,7 +37,9 @@ def clusters(num_classes: int, per_class: int, spread: float = 0.1, seed: int = 
 def noise(num_classes: int, size: int, seed: int) -> LabelledFeatures:
     """Random features with random labels: nothing to learn."""
     generator = torch.Generator().manual_seed(seed)
-    return LabelledFeatures(torch.randn(size, 16, generator=generator), torch.randint(num_classes, (size,), generator=generator))
+    return LabelledFeatures(
+        torch.randn(size, 16, generator=generator), torch.randint(num_classes, (size,), generator=generator)
+    )
 
 
 @pytest.mark.parametrize("num_classes", [5, 6])
@@ -61,7 +63,9 @@ def test_random_labels_give_chance_accuracy():
 def test_k_and_temperature_decide_between_the_nearest_image_and_the_crowd():
     # The query's nearest training image (cosine 1.0) is of class 0; ten more (cosine 0.9) are of class 1.
     crowd = torch.tensor([0.9, math.sqrt(1 - 0.9**2)])
-    train = LabelledFeatures(torch.cat([torch.tensor([[1.0, 0.0]]), crowd.repeat(10, 1)]), torch.tensor([0] + [1] * 10))
+    train = LabelledFeatures(
+        torch.cat([torch.tensor([[1.0, 0.0]]), crowd.repeat(10, 1)]), torch.tensor([0] + [1] * 10)
+    )
     test = LabelledFeatures(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
     assert knn_accuracy(train, test, 2, k=1)["knn_top1"] == 1.0
     # All eleven vote: exp(1 / t) against 10 exp(0.9 / t); a low temperature lets the nearest one win.
@@ -92,14 +96,16 @@ def test_linear_probe_finds_scikit_learns_logistic_regression():
     train, test = clusters(3, 40, spread=0.6, seed=0), clusters(3, 40, spread=0.6, seed=1)
     scaler = StandardScaler().fit(train.features.numpy())
     # scikit-learn's C = 1 / (weight_decay * n)
-    reference = LogisticRegression(C=1 / (1e-2 * 120)).fit(scaler.transform(train.features.numpy()), train.labels.numpy())
+    reference = LogisticRegression(C=1 / (1e-2 * 120)).fit(
+        scaler.transform(train.features.numpy()), train.labels.numpy()
+    )
     expected = (reference.predict(scaler.transform(test.features.numpy())) == test.labels.numpy()).mean()
     assert 0.6 < expected < 1  # neither trivial nor hopeless
     assert linear_probe_accuracy(train, test, 3, weight_decay=1e-2)["linear_probe_top1"] == pytest.approx(expected)
 
 
 def image_dataset(num_classes: int = 3, per_class: int = 4) -> Dataset:
-    images, labels = zip(*class_images(num_classes, per_class, size=(32, 32)))
+    images, labels = zip(*class_images(num_classes, per_class, size=(32, 32)), strict=True)
     features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=num_classes)})
     return Dataset.from_dict({"image": list(images), "label": list(labels)}, features=features)
 
@@ -141,8 +147,21 @@ def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
 def test_knn_monitor_during_pretraining(tmp_path, parquet_folder):
     output = tmp_path / "pretrained"
     pretrain(
-        output, "--dataset_name", str(parquet_folder), "--max_steps", "4", "--eval_strategy", "steps",
-        "--eval_steps", "2", "--per_device_train_batch_size", "8", "--knn_monitor_samples", "24", "--knn_k", "5",
+        output,
+        "--dataset_name",
+        str(parquet_folder),
+        "--max_steps",
+        "4",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--knn_monitor_samples",
+        "24",
+        "--knn_k",
+        "5",
     )
     log_history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in log_history if "knn_top1" in entry]
@@ -151,8 +170,21 @@ def test_knn_monitor_during_pretraining(tmp_path, parquet_folder):
 
     # The step-4 figure is the saved model's k-NN accuracy, measured the same way (24 training images, 5 neighbours):
     results = run_evaluation.main(
-        ["--model_name_or_path", str(output), "--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "eval"),
-         "--max_train_samples", "24", "--protocols", "knn", "--knn_k", "5", *QUIET_FLAGS]
+        [
+            "--model_name_or_path",
+            str(output),
+            "--dataset_name",
+            str(parquet_folder),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--max_train_samples",
+            "24",
+            "--protocols",
+            "knn",
+            "--knn_k",
+            "5",
+            *QUIET_FLAGS,
+        ]
     )
     assert results["train_samples"] == 24
     assert results["knn_top1"] == pytest.approx(logged[-1]["knn_top1"])
@@ -161,11 +193,38 @@ def test_knn_monitor_during_pretraining(tmp_path, parquet_folder):
 def test_knn_monitor_with_two_processes(tmp_path, parquet_folder):
     command = [
         # As test_scripts.py's two-process run: accelerate's torchrun launcher on the CPU, two processes joined by gloo.
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPOSITORY / "run_pretraining.py"), "--use_cpu", "True",
-        "--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "ddp"), "--do_train", "--max_steps", "2",
-        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_train_batch_size", "4", "--knn_monitor_samples", "16",
-        *TINY_MODEL_FLAGS, *QUIET_FLAGS,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPOSITORY / "run_pretraining.py"),
+        "--use_cpu",
+        "True",
+        "--dataset_name",
+        str(parquet_folder),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--do_train",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--knn_monitor_samples",
+        "16",
+        *TINY_MODEL_FLAGS,
+        *QUIET_FLAGS,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
@@ -179,21 +238,42 @@ def test_knn_monitor_needs_labels(tmp_path, image_folder):
     unlabelled.mkdir()
     for index, path in enumerate(sorted(image_folder.rglob("*.png"))):
         path.rename(unlabelled / f"{index}.png")
-    with pytest.raises(ValueError, match=r"^--knn_monitor_samples 8 needs labels, but the dataset has no label column"):
+    with pytest.raises(
+        ValueError, match=r"^--knn_monitor_samples 8 needs labels, but the dataset has no label column"
+    ):
         pretrain(tmp_path / "run", "--train_dir", str(unlabelled), "--max_steps", "1", "--knn_monitor_samples", "8")
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> str:
     output = tmp_path_factory.mktemp("pretrained")
-    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "16")
+    pretrain(
+        output,
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+    )
     return str(output)
 
 
 def evaluate(tmp_path, *flags: str) -> dict:
     # The digits, in part: 200 training images (10 classes), 100 validation images.
     return run_evaluation.main(
-        ["--output_dir", str(tmp_path), "--max_train_samples", "200", "--max_eval_samples", "100", *QUIET_FLAGS, *flags]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_train_samples",
+            "200",
+            "--max_eval_samples",
+            "100",
+            *QUIET_FLAGS,
+            *flags,
+        ]
     )
 
 
@@ -220,13 +300,18 @@ def test_evaluation_writes_the_figures_and_puts_them_into_the_card(tmp_path, pre
     assert text.count("## Frozen-feature evaluation") == 1  # the second run replaced the first's figures
     assert text.index("## Frozen-feature evaluation") < text.index("## Training data")
     assert "k=200" in text and "k=10" not in text
-    assert f"| k-NN (k=200, temperature 0.07) | {100 * results['knn_top1']:.1f} | {100 * results['knn_top5']:.1f} |" in text
+    assert (
+        f"| k-NN (k=200, temperature 0.07) | {100 * results['knn_top1']:.1f} | {100 * results['knn_top5']:.1f} |"
+        in text
+    )
 
 
 def test_random_init_baseline_is_seeded_and_leaves_the_card_alone(tmp_path, pretrained):
     with open(f"{pretrained}/README.md") as file:
         card = file.read()
-    runs = [evaluate(tmp_path / name, "--config_name", pretrained, "--protocols", "knn", "--seed", "1") for name in "ab"]
+    runs = [
+        evaluate(tmp_path / name, "--config_name", pretrained, "--protocols", "knn", "--seed", "1") for name in "ab"
+    ]
     for results in runs:
         results.pop("eval_runtime")
     assert runs[0] == runs[1] and 0 <= runs[0]["knn_top1"] <= 1
@@ -244,7 +329,10 @@ def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     cases = [
-        (["--model_name_or_path", pretrained, "--train_dir", str(unlabelled)], r"^No label column found among the dataset's columns \['image'\]"),
+        (
+            ["--model_name_or_path", pretrained, "--train_dir", str(unlabelled)],
+            r"^No label column found among the dataset's columns \['image'\]",
+        ),
         (["--model_name_or_path", str(bert)], r"holds a 'bert' model, not a Selfie one"),
         ([], r"^Give --model_name_or_path \(a Selfie checkpoint to evaluate\) or --config_name"),
         (["--config_name", pretrained, "--knn_k", "0"], r"^--knn_k 0 must be at least 1\.$"),
@@ -253,7 +341,14 @@ def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
         with pytest.raises(ValueError, match=message):
             evaluate(tmp_path / "run", *flags)
 
-    command = [sys.executable, str(REPOSITORY / "run_evaluation.py"), "--model_name_or_path", str(bert), "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(REPOSITORY / "run_evaluation.py"),
+        "--model_name_or_path",
+        str(bert),
+        "--output_dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

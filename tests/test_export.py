@@ -63,7 +63,12 @@ def test_pretraining_export_loads_as_timm_features(tmp_path):
     # timm loads into the whole ResNet before cutting it to features; the cut drops layer4 and fc, which the file
     # lacks (timm logs them as missing): what is left holds exactly the file's tensors.
     features = timm.create_model(
-        BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=path), features_only=True, out_indices=(3,), **KWARGS
+        BACKBONE,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=path),
+        features_only=True,
+        out_indices=(3,),
+        **KWARGS,
     ).eval()
     assert_holds_exactly(features, path)
     pixel_values = images(model.config)
@@ -104,7 +109,9 @@ def test_classifier_export_loads_as_a_timm_classifier(tmp_path):
     )
     assert other.fc.out_features == 5 and torch.equal(other.layer4[0].conv1.weight, model.stage4[0].conv1.weight)
     # ... and it does so too when the overlay does not say how many classes the file has (timm's default is 1000).
-    unsaid = timm.create_model(BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=3, **KWARGS)
+    unsaid = timm.create_model(
+        BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=3, **KWARGS
+    )
     assert not torch.equal(unsaid.fc.weight, model.classifier.weight)
 
 
@@ -146,9 +153,15 @@ def test_bad_export_arguments_give_one_line_errors(tmp_path):
     checkpoint = str(tmp_path / "checkpoint")
     cases = [
         ([str(tmp_path / "nothing"), "out.safetensors"], r"^--model_name_or_path .*nothing: no readable config\.json"),
-        ([str(tmp_path / "bert"), "out.safetensors"], r"^--model_name_or_path .*bert holds a 'bert' model, not a Selfie one"),
+        (
+            [str(tmp_path / "bert"), "out.safetensors"],
+            r"^--model_name_or_path .*bert holds a 'bert' model, not a Selfie one",
+        ),
         ([checkpoint, str(tmp_path / "out.pth")], r"^--output_file .*out\.pth must end in \.safetensors"),
-        ([checkpoint, str(tmp_path / "a_file" / "out.safetensors")], r"^--output_file .*a_file/out\.safetensors: cannot write it"),
+        (
+            [checkpoint, str(tmp_path / "a_file" / "out.safetensors")],
+            r"^--output_file .*a_file/out\.safetensors: cannot write it",
+        ),
     ]
     for (source, output), message in cases:
         with pytest.raises(ValueError, match=message):
@@ -157,11 +170,21 @@ def test_bad_export_arguments_give_one_line_errors(tmp_path):
 
 def test_export_script_exits_with_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "export_timm.py"), "--model_name_or_path", str(tmp_path), "--output_file", "x.pth"],
+        [
+            sys.executable,
+            str(REPOSITORY / "export_timm.py"),
+            "--model_name_or_path",
+            str(tmp_path),
+            "--output_file",
+            "x.pth",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == "export_timm.py: error: --output_file x.pth must end in .safetensors: timm reads the format from the name."
+    assert (
+        result.stderr.strip()
+        == "export_timm.py: error: --output_file x.pth must end in .safetensors: timm reads the format from the name."
+    )

@@ -16,18 +16,32 @@ BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm st
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> str:
     output = tmp_path_factory.mktemp("pretrained")
-    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "16")
+    pretrain(
+        output,
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+    )
     return str(output)
 
 
 def changed(before: dict, after: dict, prefix: str) -> set[str]:
     return {
-        name for name in after if name.startswith(prefix) and not name.endswith(BUFFERS) and not before[name].equal(after[name])
+        name
+        for name in after
+        if name.startswith(prefix) and not name.endswith(BUFFERS) and not before[name].equal(after[name])
     }
 
 
 @pytest.mark.parametrize("head", ["resnet", "attention_pooling"])
-def test_a_pretrained_learning_rate_of_zero_keeps_the_pretrained_weights_and_trains_the_head(tmp_path, pretrained, head):
+def test_a_pretrained_learning_rate_of_zero_keeps_the_pretrained_weights_and_trains_the_head(
+    tmp_path, pretrained, head
+):
     flags = ["--model_name_or_path", pretrained, "--classifier_head", head, "--max_steps", "3",
              "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--learning_rate", "0.01"]  # fmt: skip
     start = load_file(f"{pretrained}/model.safetensors")
@@ -42,7 +56,9 @@ def test_a_pretrained_learning_rate_of_zero_keeps_the_pretrained_weights_and_tra
 def test_the_pretrained_learning_rate_applies_to_the_base_models_parameters_only(tmp_path):
     model = SelfieForImageClassification(tiny_config())
     arguments = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.004, weight_decay=0.05, report_to="none")
-    trainer = SelfieTrainer(model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001)
+    trainer = SelfieTrainer(
+        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001
+    )
     base = {id(parameter) for parameter in model.base_model.parameters()}
     learning_rates = {}
     for group in trainer.create_optimizer().param_groups:

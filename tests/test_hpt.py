@@ -13,7 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import run_pretraining
-from modeling_selfie import SelfieConfig, SelfieForImageClassification, SelfieForMaskedPatchPrediction, load_timm_weights
+from modeling_selfie import (
+    SelfieConfig,
+    SelfieForImageClassification,
+    SelfieForMaskedPatchPrediction,
+    load_timm_weights,
+)
 from selfie_training.runner import ModelArguments, build_config, train_and_evaluate
 
 
@@ -34,7 +39,7 @@ def timm_checkpoint(path: Path, **kwargs) -> dict:
     model = timm.create_model(TINY_MODEL["backbone"], **{**TINY_BACKBONE_KWARGS, **kwargs})
     generator = torch.Generator().manual_seed(0)
     state_dict = model.state_dict()
-    for name, tensor in state_dict.items():
+    for tensor in state_dict.values():
         if tensor.is_floating_point():
             tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)  # positive: valid running variances
     if path.suffix == ".safetensors":
@@ -72,7 +77,9 @@ def chain(tmp_path_factory) -> dict:
     timm_file = root / "resnet18.safetensors"
     timm_weights = timm_checkpoint(timm_file)
 
-    stage1_start, _ = pretraining_stage(root / "stage1", "--backbone_weights", str(timm_file), "--train_dir", str(base))
+    stage1_start, _ = pretraining_stage(
+        root / "stage1", "--backbone_weights", str(timm_file), "--train_dir", str(base)
+    )
     stage2_start, _ = pretraining_stage(
         root / "stage2", "--model_name_or_path", str(root / "stage1"), "--train_dir", str(target)
     )
@@ -137,7 +144,9 @@ def test_norm_only_stage_trains_the_norms_of_p_and_nothing_else(chain):
     trainable = {id(parameter) for name, parameter in model.named_parameters() if name in norms}
     assert optimized == trainable and len(trainable) == 10 * 2
     assert read_config(chain["root"] / "stage3").training_stages[-1] == {
-        "task": "pretraining", "dataset": str(chain["target"]), "norm_only": True
+        "task": "pretraining",
+        "dataset": str(chain["target"]),
+        "norm_only": True,
     }
 
 
@@ -188,7 +197,9 @@ def test_fresh_starts_and_eval_only_runs_add_no_stage(chain):
     # --config_name copies the architecture with fresh weights: no history, and no download of timm's weights.
     copied = build_config(ModelArguments(config_name=stage2), "imagenet32", {"task": "classification", "dataset": "d"})
     assert copied.training_stages == [{"task": "classification", "dataset": "d"}] and not copied.backbone_pretrained
-    assert build_config(ModelArguments(model_name_or_path=stage2), "imagenet32").training_stages == recorded  # no training
+    assert (
+        build_config(ModelArguments(model_name_or_path=stage2), "imagenet32").training_stages == recorded
+    )  # no training
     online = build_config(ModelArguments(backbone_weights="timm"), "imagenet32")
     assert online.backbone_pretrained and online.training_stages == [{"task": "timm_weights", "weights": "timm"}]
 
@@ -239,12 +250,21 @@ def bad_timm_files(root: Path) -> list[tuple[Path, str]]:
     timm_checkpoint(root / "wide.safetensors", channels=[16, 32, 64, 128])
     return [
         (root / "missing.safetensors", r"missing\.safetensors: no such file\.$"),
-        (root / "text.pth", r"text\.pth is not a safetensors file or a torch checkpoint that loads with weights_only=True"),
-        (root / "text.safetensors", r"text\.safetensors is not a safetensors file .*\(Error while deserializing header"),
+        (
+            root / "text.pth",
+            r"text\.pth is not a safetensors file or a torch checkpoint that loads with weights_only=True",
+        ),
+        (
+            root / "text.safetensors",
+            r"text\.safetensors is not a safetensors file .*\(Error while deserializing header",
+        ),
         (root / "code.pth", r"code\.pth is not a safetensors file .*non-allowlisted pickle globals"),
         (root / "numbers.pth", r"numbers\.pth holds no state dict of tensors\.$"),
-        (root / "wide.safetensors", r"wide\.safetensors: tensor 'layer1\.0\.conv1\.weight' has shape \(16, 64, 3, 3\) but the "
-         r"model's patch network needs \(8, 64, 3, 3\)"),
+        (
+            root / "wide.safetensors",
+            r"wide\.safetensors: tensor 'layer1\.0\.conv1\.weight' has shape \(16, 64, 3, 3\) but the "
+            r"model's patch network needs \(8, 64, 3, 3\)",
+        ),
     ]
 
 
@@ -258,14 +278,24 @@ def test_bad_timm_files_give_one_line_errors_naming_file_and_tensor(tmp_path):
     weights = timm_checkpoint(tmp_path / "full.safetensors")
     patch_network = {name: tensor for name, tensor in weights.items() if not name.startswith(("layer4.", "fc."))}
     save_file(patch_network, tmp_path / "p.safetensors")
-    with pytest.raises(ValueError, match=r"p\.safetensors has no tensor 'layer4\.0\.conv1\.weight', which the model's stage 4"):
+    with pytest.raises(
+        ValueError, match=r"p\.safetensors has no tensor 'layer4\.0\.conv1\.weight', which the model's stage 4"
+    ):
         load_timm_weights(SelfieForImageClassification(config), str(tmp_path / "p.safetensors"))
 
 
 def test_bad_backbone_weights_flags_fail_before_training(tmp_path, chain):
     with pytest.raises(ValueError, match=r"^--backbone_weights .*nothing\.safetensors: no such file\.$"):
-        pretrain(tmp_path / "run", "--backbone_weights", str(tmp_path / "nothing.safetensors"), "--train_dir", str(chain["base"]))
-    with pytest.raises(ValueError, match=r"--backbone_weights timm and --model_name_or_path .* both give the starting weights"):
+        pretrain(
+            tmp_path / "run",
+            "--backbone_weights",
+            str(tmp_path / "nothing.safetensors"),
+            "--train_dir",
+            str(chain["base"]),
+        )
+    with pytest.raises(
+        ValueError, match=r"--backbone_weights timm and --model_name_or_path .* both give the starting weights"
+    ):
         pretrain(tmp_path / "run", "--backbone_weights", "timm", "--model_name_or_path", str(chain["root"] / "stage1"))
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -288,7 +318,9 @@ def test_backbone_weights_timm_starts_from_timms_weights_or_says_it_cannot(tmp_p
     assert (trainer.model.selfie.patch_network.layer3[0].conv1.weight == 0.5).all()
     assert trainer.model.config.training_stages[0] == {"task": "timm_weights", "weights": "timm"}
     reachable[0] = False
-    with pytest.raises(ValueError, match=r"^--backbone_weights timm: timm's resnet18 weights could not be fetched \(Cannot find"):
+    with pytest.raises(
+        ValueError, match=r"^--backbone_weights timm: timm's resnet18 weights could not be fetched \(Cannot find"
+    ):
         build_pretraining(tmp_path / "run", "--backbone_weights", "timm", "--train_dir", str(chain["base"]))
 
 
@@ -299,8 +331,14 @@ def test_backbone_weights_timm_starts_from_timms_weights_or_says_it_cannot(tmp_p
         ([{"task": "distillation"}], r"training_stages\[0\]=.* must be a dict whose 'task' is one of 'timm_weights'"),
         ([{"task": ["pretraining"]}], r"training_stages\[0\]=.* must be a dict whose 'task' is one of"),
         (["pretraining"], r"training_stages\[0\]='pretraining' must be a dict"),
-        ([{"task": "pretraining", "dataset": "d"}], r"training_stages\[0\]=.* must hold 'task' and 'dataset' \(str\), 'norm_only'"),
-        ([{"task": "classification", "dataset": 3}], r"training_stages\[0\]=.* must hold 'task' and 'dataset' \(str\), nothing"),
+        (
+            [{"task": "pretraining", "dataset": "d"}],
+            r"training_stages\[0\]=.* must hold 'task' and 'dataset' \(str\), 'norm_only'",
+        ),
+        (
+            [{"task": "classification", "dataset": 3}],
+            r"training_stages\[0\]=.* must hold 'task' and 'dataset' \(str\), nothing",
+        ),
         (
             [{"task": "classification", "dataset": "d"}, {"task": "timm_weights", "weights": "timm"}],
             r"training_stages\[1\]=.* can only be the first stage",

@@ -16,7 +16,12 @@ from modeling_selfie import (
 
 GRIDS = {
     "4x4 on 32x32, cifar stem": {"image_size": 32, "patch_size": 8, "stem": "cifar", "num_masked_patches": 4},
-    "7x7 on 224x224, imagenet stem": {"image_size": 224, "patch_size": 32, "stem": "imagenet", "num_masked_patches": 12},
+    "7x7 on 224x224, imagenet stem": {
+        "image_size": 224,
+        "patch_size": 32,
+        "stem": "imagenet",
+        "num_masked_patches": 12,
+    },
     "4x8 on 32x64, cifar stem": {"image_size": [32, 64], "patch_size": 8, "stem": "cifar", "num_masked_patches": 6},
 }
 VARIANTS = list(itertools.product(["batchnorm", "layernorm", "groupnorm"], ["factorized", "full"]))
@@ -221,7 +226,9 @@ def test_bad_masks_are_rejected(make_mask, message):
 
 def test_images_of_the_wrong_size_are_rejected():
     config = tiny_config()
-    with pytest.raises(ValueError, match=r"pixel_values are \(48, 48\) images but the model's image_size is \(32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values are \(48, 48\) images but the model's image_size is \(32, 32\)"
+    ):
         SelfieForMaskedPatchPrediction(config)(torch.randn(1, 3, 48, 48))
 
 
@@ -292,7 +299,10 @@ def test_the_classifier_returns_its_hidden_states(head):
     torch.testing.assert_close(outputs.hidden_states[0], stage3)
     if head == "resnet":
         assert len(outputs.hidden_states) == 2
-        torch.testing.assert_close(outputs.hidden_states[1].mean(dim=(2, 3)) @ model.classifier.weight.T + model.classifier.bias, outputs.logits)
+        torch.testing.assert_close(
+            outputs.hidden_states[1].mean(dim=(2, 3)) @ model.classifier.weight.T + model.classifier.bias,
+            outputs.logits,
+        )
     else:
         assert len(outputs.hidden_states) == config.num_hidden_layers + 2
         assert outputs.hidden_states[1].shape == (2, 1 + stage3.shape[2] * stage3.shape[3], config.hidden_size)

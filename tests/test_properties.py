@@ -14,7 +14,9 @@ from selfie_training.data import UNREADABLE_IMAGE_ERRORS, image_transform, read_
 
 
 FIELDS = {
-    "image_size": st.one_of(st.integers(-4, 300), st.lists(st.integers(-4, 300), min_size=1, max_size=3), st.text(max_size=3)),
+    "image_size": st.one_of(
+        st.integers(-4, 300), st.lists(st.integers(-4, 300), min_size=1, max_size=3), st.text(max_size=3)
+    ),
     "patch_size": st.one_of(st.integers(-4, 80), st.floats(allow_nan=True)),
     "num_masked_patches": st.one_of(st.none(), st.integers(-3, 100), st.booleans()),
     "stem": st.sampled_from(["imagenet", "cifar", "tiny", ""]),

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
-from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 from safetensors.torch import load_file
 
 from modeling_selfie import SelfieForMaskedPatchPrediction
@@ -34,11 +34,23 @@ def bert_checkpoint(root: Path) -> Path:
     ("flags", "message"),
     [
         (["--config_overrides", "patch_size=7"], r"SelfieConfig\.patch_size=7 must divide image_size 32"),
-        (["--config_overrides", "num_masked_patches=16"], r"SelfieConfig\.num_masked_patches=16 must be an int from 2 to 15"),
-        (["--backbone", "vit_base_patch16_224"], r"SelfieConfig\.backbone='vit_base_patch16_224' must name a timm ResNet"),
-        (["--image_column_name", "picture"], r"--image_column_name 'picture' is not a column of the dataset; its columns are \['image', 'label'\]"),
+        (
+            ["--config_overrides", "num_masked_patches=16"],
+            r"SelfieConfig\.num_masked_patches=16 must be an int from 2 to 15",
+        ),
+        (
+            ["--backbone", "vit_base_patch16_224"],
+            r"SelfieConfig\.backbone='vit_base_patch16_224' must name a timm ResNet",
+        ),
+        (
+            ["--image_column_name", "picture"],
+            r"--image_column_name 'picture' is not a column of the dataset; its columns are \['image', 'label'\]",
+        ),
         (["--dataset_name", "/no/such/folder"], r"--dataset_name /no/such/folder: Couldn't find any data file"),
-        (["--unknown_flag", "1"], r"Some specified arguments are not used by the HfArgumentParser: \['--unknown_flag', '1'\]"),
+        (
+            ["--unknown_flag", "1"],
+            r"Some specified arguments are not used by the HfArgumentParser: \['--unknown_flag', '1'\]",
+        ),
     ],
 )
 def test_bad_pretraining_flags_fail_before_training(tmp_path, flags, message):
@@ -52,7 +64,10 @@ def test_bad_fine_tuning_flags_and_checkpoints_fail_before_training(tmp_path, pr
         (["--label_column_name", "species"], r"--label_column_name 'species' is not a column"),
         (["--label_fraction", "0.001"], r"--label_fraction 0.001 asks for 0 images of class 0 but it has"),
         (["--label_fraction", "1.5"], r"--label_fraction 1.5 must be in \(0, 1\]"),
-        (["--label_fraction", "0.1", "--labels_per_class", "5"], r"Give --label_fraction or --labels_per_class, not both"),
+        (
+            ["--label_fraction", "0.1", "--labels_per_class", "5"],
+            r"Give --label_fraction or --labels_per_class, not both",
+        ),
         (["--model_name_or_path", str(bert_checkpoint(tmp_path / "bert"))], r"holds a 'bert' model, not a Selfie one"),
         (["--config_name", str(tmp_path / "nothing")], r"--config_name .*nothing: no readable config.json"),
     ]
@@ -70,7 +85,9 @@ def test_missing_or_corrupt_weights_are_named(tmp_path, pretrained, damage):
     if damage == "corrupt":
         (checkpoint / "model.safetensors").write_bytes((pretrained / "model.safetensors").read_bytes()[:100])
     if damage == "pickle only":  # never unpickled: pickle files can run code
-        torch.save(SelfieForMaskedPatchPrediction.from_pretrained(pretrained).state_dict(), checkpoint / "pytorch_model.bin")
+        torch.save(
+            SelfieForMaskedPatchPrediction.from_pretrained(pretrained).state_dict(), checkpoint / "pytorch_model.bin"
+        )
     with pytest.raises(ValueError, match=r"--model_name_or_path .*checkpoint: no readable model.safetensors"):
         fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
 
@@ -79,7 +96,9 @@ def test_a_classifier_for_other_classes_needs_ignore_mismatched_sizes(tmp_path, 
     digits = tmp_path / "digits"
     fine_tune(digits, *TINY_MODEL_FLAGS, "--max_steps", "1", "--do_eval", "False")  # 10 classes
     flags = ["--model_name_or_path", str(digits), "--dataset_name", str(parquet_folder), "--max_steps", "1"]  # 6
-    with pytest.raises(ValueError, match=r"classifies 10 classes but the dataset has 6: add --ignore_mismatched_sizes"):
+    with pytest.raises(
+        ValueError, match=r"classifies 10 classes but the dataset has 6: add --ignore_mismatched_sizes"
+    ):
         fine_tune(tmp_path / "run", *flags)
     metrics = fine_tune(tmp_path / "run", *flags, "--ignore_mismatched_sizes")
     assert 0 <= metrics["eval_accuracy"] <= 1
@@ -90,13 +109,19 @@ def test_validation_labels_outside_the_classes_are_refused(tmp_path, image_folde
     for name in ("class_0", "class_9"):
         (validation / name).mkdir(parents=True)
         next(image_folder.rglob("*.png")).rename(validation / name / "0.png")
-    with pytest.raises(ValueError, match=r"The validation split's classes \['class_0', 'class_9'\] differ from train's"):
-        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(validation))
+    with pytest.raises(
+        ValueError, match=r"The validation split's classes \['class_0', 'class_9'\] differ from train's"
+    ):
+        fine_tune(
+            tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(validation)
+        )
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
     next(image_folder.rglob("*.png")).rename(unlabelled / "0.png")
     with pytest.raises(ValueError, match=r"A split has no label column 'label'; its columns are \['image'\]"):
-        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(unlabelled))
+        fine_tune(
+            tmp_path / "run", *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--validation_dir", str(unlabelled)
+        )
 
 
 @pytest.mark.parametrize("script", ["run_pretraining", "run_image_classification", "run_evaluation"])
@@ -111,8 +136,16 @@ def test_an_output_dir_that_is_a_file_is_refused_and_left_alone(tmp_path, script
 
 
 def test_scripts_report_user_errors_in_one_line_with_status_2(tmp_path):
-    command = [sys.executable, str(REPOSITORY / "run_pretraining.py"), "--output_dir", str(tmp_path), "--do_train",
-               "--config_overrides", "num_masked_patches=40", *QUIET_FLAGS]
+    command = [
+        sys.executable,
+        str(REPOSITORY / "run_pretraining.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--do_train",
+        "--config_overrides",
+        "num_masked_patches=40",
+        *QUIET_FLAGS,
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
@@ -136,8 +169,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(SelfieForMaskedPatchPrediction, "forward", forward)
     output = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match=r"The training loss became nan at step 3; the checkpoints in .* are intact"):
-        pretrain(output, "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "8", "--do_eval", "False")
+    with pytest.raises(
+        TrainingStopped, match=r"The training loss became nan at step 3; the checkpoints in .* are intact"
+    ):
+        pretrain(
+            output, "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "8", "--do_eval", "False"
+        )
     assert not (output / "model.safetensors").exists()  # no final model from a broken run
     state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
@@ -147,15 +184,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_an_incompletely_saved_checkpoint_is_skipped_on_resume(tmp_path):
     output = tmp_path / "run"
-    flags = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8",
-             "--do_eval", "False", "--max_train_samples", "64", "--save_total_limit", "5"]
+    flags = [
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--do_eval",
+        "False",
+        "--max_train_samples",
+        "64",
+        "--save_total_limit",
+        "5",
+    ]
     pretrain(output, *flags)
     for path in output.iterdir():  # a run killed while writing checkpoint-4, after checkpoint-2
         if path.is_file():
             path.unlink()
     (output / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')
     (output / "checkpoint-2" / "trainer_state.json").write_text(
-        (output / "checkpoint-2" / "trainer_state.json").read_text().replace('"log_history": [', '"log_history": [{"marker": 2}, ')
+        (output / "checkpoint-2" / "trainer_state.json")
+        .read_text()
+        .replace('"log_history": [', '"log_history": [{"marker": 2}, ')
     )
     pretrain(output, *flags)
     state = json.loads((output / "trainer_state.json").read_text())
@@ -170,7 +223,9 @@ def test_code_in_a_checkpoint_never_runs(tmp_path, pretrained):
             (checkpoint / path.name).write_bytes(path.read_bytes())
     marker = tmp_path / "code-ran"
     for code_file in ("modeling_selfie.py", "configuration_selfie.py"):
-        (checkpoint / code_file).write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + (checkpoint / code_file).read_text())
+        (checkpoint / code_file).write_text(
+            f"open({str(marker)!r}, 'w').write('ran')\n" + (checkpoint / code_file).read_text()
+        )
     fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not marker.exists()  # the scripts use this repository's code, never the checkpoint's
@@ -181,10 +236,28 @@ def test_a_signal_saves_a_checkpoint_and_a_rerun_resumes_from_it(tmp_path, signu
     output = tmp_path / "run"
 
     def command(max_steps: int) -> list[str]:
-        return [sys.executable, str(REPOSITORY / "run_pretraining.py"), "--output_dir", str(output), "--do_train",
-                "--max_steps", str(max_steps), "--save_steps", "1000", "--logging_steps", "1",
-                "--per_device_train_batch_size", "4", "--max_train_samples", "64", *TINY_MODEL_FLAGS,
-                "--report_to", "none", "--disable_tqdm", "True"]
+        return [
+            sys.executable,
+            str(REPOSITORY / "run_pretraining.py"),
+            "--output_dir",
+            str(output),
+            "--do_train",
+            "--max_steps",
+            str(max_steps),
+            "--save_steps",
+            "1000",
+            "--logging_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_samples",
+            "64",
+            *TINY_MODEL_FLAGS,
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "True",
+        ]
 
     process = subprocess.Popen(command(1000), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # wait until training runs
@@ -213,6 +286,8 @@ def test_an_empty_split_is_refused(tmp_path, image_folder):
     with pytest.raises(ValueError, match=r"^--dataset_name .*empty: Instruction \"train\" corresponds to no data!$"):
         pretrain(tmp_path / "run", "--dataset_name", str(folder), "--max_steps", "1")
     with pytest.raises(ValueError, match=r"^--validation_dir .*empty: Instruction \"train\" corresponds to no data!$"):
-        pretrain(tmp_path / "run", "--train_dir", str(image_folder), "--validation_dir", str(folder), "--max_steps", "1")
+        pretrain(
+            tmp_path / "run", "--train_dir", str(image_folder), "--validation_dir", str(folder), "--max_steps", "1"
+        )
     with pytest.raises(ValueError, match=r"^The train split of the dataset is empty\.$"):
         pretrain(tmp_path / "run", "--train_dir", str(image_folder), "--max_train_samples", "0", "--max_steps", "1")

@@ -68,11 +68,16 @@ def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_checkpoint_bef
     def full_disk_from_step_2(obj, path, *args, **kwargs):
         if "checkpoint-2" in str(path):  # as torch's zip writer reports ENOSPC, after writing part of the file
             Path(path).write_bytes(b"PK\x03\x04")
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+            )
         return save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk_from_step_2)
-    with pytest.raises(TrainingStopped, match=rf"^No space left on the device of {output} while saving; the checkpoints saved before are intact") as stopped:
+    with pytest.raises(
+        TrainingStopped,
+        match=rf"^No space left on the device of {output} while saving; the checkpoints saved before are intact",
+    ) as stopped:
         pretrain(output, *flags)
     assert stopped.value.exit_status == 2
     monkeypatch.setattr(torch, "save", save)
@@ -86,7 +91,9 @@ def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_checkpoint_bef
     "error",
     [
         OSError(errno.ENOSPC, "No space left on device"),
-        SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+        SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
         RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64"),
     ],
 )
@@ -101,14 +108,28 @@ def test_disk_full_is_recognised_in_each_form_and_other_errors_are_not(error):
 def test_a_stream_with_no_more_images_than_held_out_says_so(parquet_folder):
     # 48 images, all of which the default hold-out of a stream without a validation split takes for validation.
     args = DataArguments(dataset_name=str(parquet_folder), streaming=True, max_eval_samples=100)
-    with pytest.raises(ValueError, match=r"^The train split of the dataset is empty: the stream holds no more images than the 100 held out"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The train split of the dataset is empty: the stream holds no more images than the 100 held out",
+    ):
         load_splits(args)
-    assert len(list(load_splits(DataArguments(dataset_name=str(parquet_folder), streaming=True, max_eval_samples=40))["train"])) == 8
+    assert (
+        len(
+            list(
+                load_splits(DataArguments(dataset_name=str(parquet_folder), streaming=True, max_eval_samples=40))[
+                    "train"
+                ]
+            )
+        )
+        == 8
+    )
 
 
 def test_a_dataset_name_may_be_a_single_data_file(parquet_folder, tmp_path):
     splits = load_splits(DataArguments(dataset_name=str(parquet_folder / "train.parquet"), train_val_split=0.25))
     assert (len(splits["train"]), len(splits["validation"])) == (36, 12)
     (tmp_path / "images.zip").write_bytes(b"PK")
-    with pytest.raises(ValueError, match=r"^--dataset_name \S+images.zip is a file: give the folder that holds the data"):
+    with pytest.raises(
+        ValueError, match=r"^--dataset_name \S+images.zip is a file: give the folder that holds the data"
+    ):
         load_splits(DataArguments(dataset_name=str(tmp_path / "images.zip")))

@@ -29,7 +29,17 @@ from selfie_training.runner import ModelArguments, load_checkpoint, load_image_p
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("pretrained")
-    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64", "--max_eval_samples", "16")
+    pretrain(
+        output,
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+    )
     return output
 
 
@@ -49,7 +59,16 @@ def export(checkpoint: Path, output_file: Path, *flags: str) -> str:
 
 def evaluate(output_dir: Path, *flags: str) -> dict:
     return run_evaluation.main(
-        ["--output_dir", str(output_dir), "--max_train_samples", "50", "--max_eval_samples", "30", *QUIET_FLAGS, *flags]
+        [
+            "--output_dir",
+            str(output_dir),
+            "--max_train_samples",
+            "50",
+            "--max_eval_samples",
+            "30",
+            *QUIET_FLAGS,
+            *flags,
+        ]
     )
 
 
@@ -62,7 +81,10 @@ def test_export_never_overwrites_a_file_and_never_writes_into_the_checkpoint(tmp
     weights = (checkpoint / "model.safetensors").read_bytes()
     for output_file in (checkpoint / "model.safetensors", checkpoint / "timm" / "resnet.safetensors"):
         for flags in ([], ["--overwrite"]):
-            with pytest.raises(ValueError, match=rf"^--output_file {output_file} is inside the checkpoint --model_name_or_path {checkpoint}: write it elsewhere\.$"):
+            with pytest.raises(
+                ValueError,
+                match=rf"^--output_file {output_file} is inside the checkpoint --model_name_or_path {checkpoint}: write it elsewhere\.$",
+            ):
                 export(checkpoint, output_file, *flags)
     assert (checkpoint / "model.safetensors").read_bytes() == weights
     assert not (checkpoint / "timm").exists()
@@ -79,7 +101,9 @@ def test_export_never_overwrites_a_file_and_never_writes_into_the_checkpoint(tmp
 def test_non_finite_weights_are_refused_naming_the_checkpoint_and_nothing_is_written(tmp_path, pretrained):
     checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
     name = "selfie.patch_network.layer2.0.conv1.weight"
-    edit_weights(checkpoint, lambda weights: {**weights, name: weights[name].index_fill(0, torch.tensor([0]), float("nan"))})
+    edit_weights(
+        checkpoint, lambda weights: {**weights, name: weights[name].index_fill(0, torch.tensor([0]), float("nan"))}
+    )
     card = (checkpoint / "README.md").read_text()
     message = rf"^--model_name_or_path {checkpoint}: tensor '{name}' holds NaN or infinite values"
     with pytest.raises(ValueError, match=message):  # it used to write knn_top1 = 0.5
@@ -95,8 +119,14 @@ def test_features_that_overflow_are_refused_and_nothing_is_written(tmp_path, pre
     checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
     # Finite weights whose products overflow float32 (3.4e38) by the second convolution.
     huge = ("selfie.patch_network.conv1.weight", "selfie.patch_network.layer1.0.conv1.weight")
-    edit_weights(checkpoint, lambda weights: {name: tensor * 1e30 if name in huge else tensor for name, tensor in weights.items()})
-    with pytest.raises(ValueError, match=rf"^--model_name_or_path {checkpoint} gives NaN or infinite features for the training images; nothing was written\.$"):
+    edit_weights(
+        checkpoint,
+        lambda weights: {name: tensor * 1e30 if name in huge else tensor for name, tensor in weights.items()},
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"^--model_name_or_path {checkpoint} gives NaN or infinite features for the training images; nothing was written\.$",
+    ):
         evaluate(tmp_path / "eval", "--model_name_or_path", str(checkpoint), "--protocols", "knn")
     assert not list((tmp_path / "eval").glob("*.json"))
 
@@ -107,7 +137,9 @@ def test_non_finite_timm_weights_are_refused(tmp_path):
     weights = load_file(path)
     weights["layer1.0.bn1.running_var"][0] = float("inf")
     save_file(weights, path)
-    with pytest.raises(ValueError, match=rf"^{path}: tensor 'layer1\.0\.bn1\.running_var' holds NaN or infinite values\.$"):
+    with pytest.raises(
+        ValueError, match=rf"^{path}: tensor 'layer1\.0\.bn1\.running_var' holds NaN or infinite values\.$"
+    ):
         load_timm_weights(SelfieModel(tiny_config()), str(path))
 
 
@@ -122,23 +154,37 @@ def test_weights_that_do_not_fill_the_patch_network_are_refused(tmp_path, pretra
     if damage == "one missing":
         missing, loaded = "selfie.patch_network.layer3.0.bn2.running_var", size - 1
         edit_weights(checkpoint, lambda weights: {name: tensor for name, tensor in weights.items() if name != missing})
-    with pytest.raises(ValueError, match=(
-        rf"^--model_name_or_path {checkpoint}: its model\.safetensors holds {loaded} of the {size} tensors of the patch "
-        rf"network \('{missing}' is missing\): are its tensor names another model's\?$"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"^--model_name_or_path {checkpoint}: its model\.safetensors holds {loaded} of the {size} tensors of the patch "
+            rf"network \('{missing}' is missing\): are its tensor names another model's\?$"
+        ),
+    ):
         fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
     assert not (tmp_path / "run" / "README.md").exists()  # no card claiming "Selfie pretraining -> fine-tuning"
 
 
 def test_the_partial_loads_between_heads_still_work(tmp_path, pretrained):
-    patch_network = {name: tensor for name, tensor in load_file(pretrained / "model.safetensors").items() if ".patch_network." in name}
-    resnet_head = load_checkpoint(SelfieForImageClassification, str(pretrained))  # no stage 4 or classifier in the file
-    attention_head = load_checkpoint(SelfieForImageClassification, str(pretrained), classifier_head="attention_pooling")
+    patch_network = {
+        name: tensor
+        for name, tensor in load_file(pretrained / "model.safetensors").items()
+        if ".patch_network." in name
+    }
+    resnet_head = load_checkpoint(
+        SelfieForImageClassification, str(pretrained)
+    )  # no stage 4 or classifier in the file
+    attention_head = load_checkpoint(
+        SelfieForImageClassification, str(pretrained), classifier_head="attention_pooling"
+    )
     resnet_head.save_pretrained(tmp_path / "classifier")
     from_classifier = load_checkpoint(SelfieForMaskedPatchPrediction, str(tmp_path / "classifier"))  # A starts fresh
     base = load_checkpoint(SelfieModel, str(tmp_path / "classifier"))
     for model in (resnet_head, attention_head, from_classifier, base):
-        state = {name if name.startswith("selfie.") else f"selfie.{name}": tensor for name, tensor in model.state_dict().items()}
+        state = {
+            name if name.startswith("selfie.") else f"selfie.{name}": tensor
+            for name, tensor in model.state_dict().items()
+        }
         for name, tensor in patch_network.items():
             assert torch.equal(state[name], tensor), name
 
@@ -169,16 +215,21 @@ def test_another_head_on_a_classifier_needs_ignore_mismatched_sizes(tmp_path, pr
     classifier = tmp_path / "classifier"
     load_checkpoint(SelfieForImageClassification, str(pretrained), num_labels=10).save_pretrained(classifier)
     shutil.copy(pretrained / "preprocessor_config.json", classifier)
-    with pytest.raises(ValueError, match=(
-        rf"^--model_name_or_path {classifier}: tensor 'classifier\.weight' has shape \(10, 64\) in the checkpoint but "
-        r"\(10, 32\) in the model .*: add --ignore_mismatched_sizes to start such tensors afresh\.$"
-    )):  # it used to be a RuntimeError from transformers
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"^--model_name_or_path {classifier}: tensor 'classifier\.weight' has shape \(10, 64\) in the checkpoint but "
+            r"\(10, 32\) in the model .*: add --ignore_mismatched_sizes to start such tensors afresh\.$"
+        ),
+    ):  # it used to be a RuntimeError from transformers
         fine_tune(tmp_path / "run", "--model_name_or_path", str(classifier), "--classifier_head", "attention_pooling")
 
 
 def test_ignore_mismatched_sizes_starts_other_tensors_afresh_but_never_the_patch_network(pretrained):
     wider = SelfieConfig.from_pretrained(pretrained, hidden_size=64)
-    model = load_checkpoint(SelfieForMaskedPatchPrediction, str(pretrained), config=wider, ignore_mismatched_sizes=True)
+    model = load_checkpoint(
+        SelfieForMaskedPatchPrediction, str(pretrained), config=wider, ignore_mismatched_sizes=True
+    )
     assert model.selfie.position_embeddings.rows.shape == (4, 64)
     saved = load_file(pretrained / "model.safetensors")["selfie.patch_network.layer3.0.conv2.weight"]
     assert torch.equal(model.selfie.patch_network.layer3[0].conv2.weight, saved)
@@ -192,12 +243,30 @@ def test_ignore_mismatched_sizes_starts_other_tensors_afresh_but_never_the_patch
 @pytest.mark.parametrize(
     ("backbone_kwargs", "message"),
     [
-        ("{layers: [1, 1, 1, 1]}", r"^--backbone_kwargs '\{layers: \[1, 1, 1, 1\]\}' is not JSON \(Expecting property name"),
-        ("[1, 1, 1, 1]", r"^--backbone_kwargs '\[1, 1, 1, 1\]' must be a JSON object of timm\.create_model arguments\.$"),
-        ('{"depth": 4}', r"^SelfieConfig\.backbone_kwargs=\{'depth': 4\} has 'depth', which is not an argument of timm's ResNet\.$"),
-        ('{"in_chans": 1}', r"^SelfieConfig\.backbone_kwargs=\{'in_chans': 1\} sets 'in_chans', which Selfie sets from num_channels\.$"),
-        ('{"channels": [8, 16]}', r"^SelfieConfig\.backbone_kwargs=.* channels must be a list of 4 positive ints, one a stage\.$"),
-        ('{"layers": [1, 1, 1, 0]}', r"^SelfieConfig\.backbone_kwargs=.* layers must be a list of 4 positive ints, one a stage\.$"),
+        (
+            "{layers: [1, 1, 1, 1]}",
+            r"^--backbone_kwargs '\{layers: \[1, 1, 1, 1\]\}' is not JSON \(Expecting property name",
+        ),
+        (
+            "[1, 1, 1, 1]",
+            r"^--backbone_kwargs '\[1, 1, 1, 1\]' must be a JSON object of timm\.create_model arguments\.$",
+        ),
+        (
+            '{"depth": 4}',
+            r"^SelfieConfig\.backbone_kwargs=\{'depth': 4\} has 'depth', which is not an argument of timm's ResNet\.$",
+        ),
+        (
+            '{"in_chans": 1}',
+            r"^SelfieConfig\.backbone_kwargs=\{'in_chans': 1\} sets 'in_chans', which Selfie sets from num_channels\.$",
+        ),
+        (
+            '{"channels": [8, 16]}',
+            r"^SelfieConfig\.backbone_kwargs=.* channels must be a list of 4 positive ints, one a stage\.$",
+        ),
+        (
+            '{"layers": [1, 1, 1, 0]}',
+            r"^SelfieConfig\.backbone_kwargs=.* layers must be a list of 4 positive ints, one a stage\.$",
+        ),
         (
             '{"drop_path_rate": "high"}',
             r"^SelfieConfig\.backbone_kwargs=\{'drop_path_rate': 'high'\}: timm's resnet18 cannot be built with them \(",
@@ -216,7 +285,10 @@ def test_a_config_json_that_is_not_a_selfie_config_is_refused_naming_it(tmp_path
     cases = [
         (json.dumps([config]), r"its config\.json holds a JSON list, not an object of fields\.$"),
         (json.dumps({**config, "id2label": ["a", "b"]}), r"its config\.json is not a valid Selfie config: "),
-        (json.dumps({**config, "image_size": "32"}), r"its config\.json is not a valid Selfie config: SelfieConfig\.image_size='32'"),
+        (
+            json.dumps({**config, "image_size": "32"}),
+            r"its config\.json is not a valid Selfie config: SelfieConfig\.image_size='32'",
+        ),
     ]
     for text, message in cases:
         (checkpoint / "config.json").write_text(text)
@@ -234,10 +306,22 @@ def processor_file(pretrained: Path, **changes) -> str:
     [
         (lambda pretrained: "{not json", r" is not a readable JSON file \(Expecting property name"),
         (lambda pretrained: "[]", r" holds a JSON list, not the fields of an image processor\.$"),
-        (lambda pretrained: ViTImageProcessor().to_json_string(), r": image_processor_type='ViTImageProcessor' must be a BitImageProcessor"),
-        (lambda pretrained: processor_file(pretrained, crop_size=None), r": crop_size=None must be \{'height': int, 'width': int\}"),
-        (lambda pretrained: processor_file(pretrained, size={"height": 32, "width": 32}), r": size=\{'height': 32, 'width': 32\} must be"),
-        (lambda pretrained: processor_file(pretrained, image_std=[0, 1, 1]), r": image_std=\[0, 1, 1\] must be 3 positive numbers"),
+        (
+            lambda pretrained: ViTImageProcessor().to_json_string(),
+            r": image_processor_type='ViTImageProcessor' must be a BitImageProcessor",
+        ),
+        (
+            lambda pretrained: processor_file(pretrained, crop_size=None),
+            r": crop_size=None must be \{'height': int, 'width': int\}",
+        ),
+        (
+            lambda pretrained: processor_file(pretrained, size={"height": 32, "width": 32}),
+            r": size=\{'height': 32, 'width': 32\} must be",
+        ),
+        (
+            lambda pretrained: processor_file(pretrained, image_std=[0, 1, 1]),
+            r": image_std=\[0, 1, 1\] must be 3 positive numbers",
+        ),
         (lambda pretrained: processor_file(pretrained, do_normalize=False), r": do_normalize=False must be true"),
     ],
 )
@@ -251,7 +335,9 @@ def test_a_bad_image_processor_file_is_refused_naming_it_and_the_field(tmp_path,
 def test_a_foreign_image_processor_stops_fine_tuning_before_training(tmp_path, pretrained):
     checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
     ViTImageProcessor().save_pretrained(checkpoint)  # it used to train on 224x224 crops, silently
-    with pytest.raises(ValueError, match=rf"^{checkpoint}/preprocessor_config\.json: image_processor_type='ViTImageProcessor'"):
+    with pytest.raises(
+        ValueError, match=rf"^{checkpoint}/preprocessor_config\.json: image_processor_type='ViTImageProcessor'"
+    ):
         fine_tune(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -269,11 +355,26 @@ def test_a_checkpoint_without_an_image_processor_uses_the_presets(tmp_path, pret
 def test_an_image_processor_of_another_size_than_the_model_is_refused_before_training(tmp_path, pretrained):
     message = r"crops images to 32x32, but the model takes 64x64 images \(changed image_size with --config_overrides"
     with pytest.raises(ValueError, match=rf"^{pretrained}/preprocessor_config\.json {message}"):
-        pretrain(tmp_path / "run", "--model_name_or_path", str(pretrained), "--max_steps", "1", "--ignore_mismatched_sizes",
-                 "--config_overrides", "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1")
+        pretrain(
+            tmp_path / "run",
+            "--model_name_or_path",
+            str(pretrained),
+            "--max_steps",
+            "1",
+            "--ignore_mismatched_sizes",
+            "--config_overrides",
+            "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1",
+        )
     with pytest.raises(ValueError, match=rf"^the cifar10 preset's image processor {message}"):
-        pretrain(tmp_path / "run", "--preset", "cifar10", "--max_steps", "1",
-                 "--config_overrides", "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1")
+        pretrain(
+            tmp_path / "run",
+            "--preset",
+            "cifar10",
+            "--max_steps",
+            "1",
+            "--config_overrides",
+            "image_size=64,hidden_size=32,num_attention_heads=4,num_hidden_layers=1",
+        )
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 

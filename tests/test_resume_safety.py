@@ -20,8 +20,18 @@ from selfie_training.trainer import PretrainingTrainer
 
 
 # 2 steps of the 8 in an epoch (64 images, 8 a batch): the run ends mid-epoch; checkpoint-1 and checkpoint-2.
-FLAGS = ["--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64",
-         "--max_eval_samples", "16"]
+FLAGS = [
+    "--max_steps",
+    "2",
+    "--save_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_train_samples",
+    "64",
+    "--max_eval_samples",
+    "16",
+]
 UNPICKLED = []
 
 
@@ -66,8 +76,12 @@ sys.stdin.read()
 
 
 def test_a_second_run_into_an_output_dir_in_use_is_refused(run, monkeypatch):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run / LOCK_FILE)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run / LOCK_FILE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(ValueError, match=rf"^--output_dir {run} is in use by another run \(PID {holder.pid}\): wait"):
         pretrain(run, *FLAGS, "--max_steps", "3")
@@ -117,8 +131,11 @@ def test_a_checkpoint_of_another_model_is_refused(run):
         r"run trains a SelfieForImageClassification\): give this run another --output_dir\.$",
     ):
         fine_tune(run, *TINY_MODEL_FLAGS, "--max_steps", "3")
-    with pytest.raises(ValueError, match=rf"^{run}/checkpoint-2 is another run's checkpoint \(its tensor '[\w.]+' is "
-                                         r"\([\d, ]+\), this run's \([\d, ]+\)\): give this run another --output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{run}/checkpoint-2 is another run's checkpoint \(its tensor '[\w.]+' is "
+        r"\([\d, ]+\), this run's \([\d, ]+\)\): give this run another --output_dir",
+    ):
         pretrain(run, *FLAGS, "--config_overrides", "hidden_size=16,num_attention_heads=4,num_hidden_layers=1")
     assert global_step(run / "trainer_state.json") == 2 and not (run / "checkpoint-3").exists()
 
@@ -173,8 +190,11 @@ def test_a_pickle_in_a_checkpoint_is_refused_unread(run, name):
 
 
 def test_an_optimizer_of_other_parameter_groups_is_named(run):
-    with pytest.raises(ValueError, match=rf"^{run}/checkpoint-2/optimizer.pt does not fit this run's optimizer \("
-                                         r"loaded state dict contains a parameter group .*--train_norm_only"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{run}/checkpoint-2/optimizer.pt does not fit this run's optimizer \("
+        r"loaded state dict contains a parameter group .*--train_norm_only",
+    ):
         pretrain(run, *FLAGS, "--max_steps", "3", "--train_norm_only")
 
 

@@ -32,13 +32,31 @@ def test_pretraining_on_an_unlabelled_image_folder(tmp_path, image_folder):
         shutil.copy(path, flat / f"{index}.png")
     output = tmp_path / "pretrained"
     metrics = pretrain(
-        output, "--train_dir", str(flat), "--max_steps", "4", "--per_device_train_batch_size", "8",
-        "--logging_steps", "2", "--report_to", "tensorboard",
+        output,
+        "--train_dir",
+        str(flat),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
     )
 
     assert 0 <= metrics["eval_candidate_accuracy"] <= 1 and math.isfinite(metrics["eval_loss"])
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_selfie.py", "README.md",
-                 "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "modeling_selfie.py",
+        "README.md",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+        "trainer_state.json",
+    ):
         assert (output / name).is_file(), name
     assert read_json(output / "all_results.json")["eval_candidate_accuracy"] == metrics["eval_candidate_accuracy"]
     logged = [entry for entry in read_json(output / "trainer_state.json")["log_history"] if "loss" in entry]
@@ -52,14 +70,24 @@ def test_pretraining_on_an_unlabelled_image_folder(tmp_path, image_folder):
 def test_fine_tuning_on_parquet_with_an_image_feature(tmp_path, parquet_folder):
     output = tmp_path / "classifier"
     metrics = fine_tune(
-        output, "--dataset_name", str(parquet_folder), *TINY_MODEL_FLAGS, "--num_train_epochs", "2",
-        "--per_device_train_batch_size", "8", "--train_val_split", "0.25", "--eval_strategy", "epoch",
+        output,
+        "--dataset_name",
+        str(parquet_folder),
+        *TINY_MODEL_FLAGS,
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--train_val_split",
+        "0.25",
+        "--eval_strategy",
+        "epoch",
     )
     assert 0 <= metrics["eval_accuracy"] <= metrics["eval_top5_accuracy"] <= 1  # 6 classes: top-5 reported
     config = read_json(output / "config.json")
     assert config["id2label"] == {str(i): f"c{i}" for i in range(6)}
     card = (output / "README.md").read_text()
-    assert "trained from scratch" in card and "pipeline(\"image-classification\"" in card
+    assert "trained from scratch" in card and 'pipeline("image-classification"' in card
     assert "| Epoch |" in card  # the evaluation log table
 
     predictions = pipeline("image-classification", model=str(output))(Image.new("RGB", (32, 32), (255, 0, 128)))
@@ -72,7 +100,16 @@ def test_pretrain_then_fine_tune_starts_from_the_pretrained_patch_network(tmp_pa
     checkpoint = load_file(pretrained / "model.safetensors")
 
     # A zero learning rate leaves every parameter where it started (BatchNorm statistics still move).
-    frozen = ["--train_dir", str(image_folder), "--max_steps", "2", "--learning_rate", "0", "--per_device_train_batch_size", "8"]
+    frozen = [
+        "--train_dir",
+        str(image_folder),
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "0",
+        "--per_device_train_batch_size",
+        "8",
+    ]
     fine_tune(tmp_path / "selfie", "--model_name_or_path", str(pretrained), *frozen)
     fine_tune(tmp_path / "scratch", "--config_name", str(pretrained), *frozen)
 
@@ -88,8 +125,18 @@ def test_pretrain_then_fine_tune_starts_from_the_pretrained_patch_network(tmp_pa
 def test_labelled_subset_is_class_balanced_and_independent_of_the_training_seed(tmp_path):
     def subset(name, seed, label_seed):
         fine_tune(
-            tmp_path / name, *TINY_MODEL_FLAGS, "--label_fraction", "0.05", "--seed", str(seed),
-            "--label_seed", str(label_seed), "--max_steps", "1", "--do_eval", "False",
+            tmp_path / name,
+            *TINY_MODEL_FLAGS,
+            "--label_fraction",
+            "0.05",
+            "--seed",
+            str(seed),
+            "--label_seed",
+            str(label_seed),
+            "--max_steps",
+            "1",
+            "--do_eval",
+            "False",
         )
         return read_json(tmp_path / name / "labelled_subset.json")["train_indices"]
 
@@ -104,8 +151,18 @@ def test_labelled_subset_is_class_balanced_and_independent_of_the_training_seed(
 
 
 def test_resume_after_an_interruption_continues_from_the_saved_step_to_the_same_end(tmp_path, image_folder):
-    flags = ["--train_dir", str(image_folder), "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1",
-             "--per_device_train_batch_size", "8"]
+    flags = [
+        "--train_dir",
+        str(image_folder),
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+    ]
     uninterrupted = pretrain(tmp_path / "uninterrupted", *flags)
 
     output = tmp_path / "interrupted"
@@ -134,7 +191,14 @@ def test_resume_after_an_interruption_continues_from_the_saved_step_to_the_same_
 
 
 def test_arguments_from_a_json_file(tmp_path, parquet_folder):
-    arguments = {"dataset_name": str(parquet_folder), "output_dir": str(tmp_path / "run"), "do_train": True, "max_steps": 1, "report_to": "none", **TINY_MODEL}
+    arguments = {
+        "dataset_name": str(parquet_folder),
+        "output_dir": str(tmp_path / "run"),
+        "do_train": True,
+        "max_steps": 1,
+        "report_to": "none",
+        **TINY_MODEL,
+    }
     (tmp_path / "args.json").write_text(json.dumps(arguments))
     run_pretraining.main([str(tmp_path / "args.json")])
     config = read_json(tmp_path / "run" / "config.json")
@@ -143,7 +207,17 @@ def test_arguments_from_a_json_file(tmp_path, parquet_folder):
 
 
 def test_streaming(tmp_path, parquet_folder):
-    streamed = ["--dataset_name", str(parquet_folder), "--streaming", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8"]
+    streamed = [
+        "--dataset_name",
+        str(parquet_folder),
+        "--streaming",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_eval_samples",
+        "8",
+    ]
     metrics = pretrain(tmp_path / "pretrained", *streamed)
     assert 0 <= metrics["eval_candidate_accuracy"] <= 1
     metrics = fine_tune(tmp_path / "classifier", "--model_name_or_path", str(tmp_path / "pretrained"), *streamed)
@@ -155,18 +229,31 @@ def test_separate_validation_folder_and_the_attention_pooling_head(tmp_path, ima
     pretrained = tmp_path / "pretrained"
     pretrain(pretrained, "--train_dir", str(image_folder), "--max_steps", "1", "--per_device_train_batch_size", "8")
     metrics = fine_tune(
-        tmp_path / "classifier", "--train_dir", str(image_folder), "--validation_dir", str(image_folder),
-        "--model_name_or_path", str(pretrained), "--classifier_head", "attention_pooling", "--max_steps", "1",
+        tmp_path / "classifier",
+        "--train_dir",
+        str(image_folder),
+        "--validation_dir",
+        str(image_folder),
+        "--model_name_or_path",
+        str(pretrained),
+        "--classifier_head",
+        "attention_pooling",
+        "--max_steps",
+        "1",
     )
     assert metrics["eval_samples_per_second"] > 0
     assert read_json(tmp_path / "classifier" / "eval_results.json")["eval_accuracy"] == metrics["eval_accuracy"]
     model = SelfieForImageClassification.from_pretrained(tmp_path / "classifier")
     assert model.config.classifier_head == "attention_pooling" and model.stage4 is None
-    assert "the attention pooling network and a linear classifier" in (tmp_path / "classifier" / "README.md").read_text()
+    assert (
+        "the attention pooling network and a linear classifier" in (tmp_path / "classifier" / "README.md").read_text()
+    )
 
 
 def test_embedded_default_dataset(tmp_path):
-    metrics = pretrain(tmp_path / "digits", "--max_steps", "2", "--per_device_train_batch_size", "16", "--max_eval_samples", "32")
+    metrics = pretrain(
+        tmp_path / "digits", "--max_steps", "2", "--per_device_train_batch_size", "16", "--max_eval_samples", "32"
+    )
     assert math.isfinite(metrics["eval_loss"])
     assert "sklearn-digits" in (tmp_path / "digits" / "README.md").read_text()
 
@@ -194,7 +281,9 @@ def test_sweep_writes_the_table_the_plot_and_the_cards(tmp_path, image_folder):
         assert row["delta"] == pytest.approx(row["selfie"]["mean"] - row["scratch"]["mean"])
     assert rows == results["results"]
     table = (output / "results.md").read_text()
-    assert "| labelled | supervised (scratch) | Selfie | delta |" in table and "| 50% |" in table and "| 100% |" in table
+    assert (
+        "| labelled | supervised (scratch) | Selfie | delta |" in table and "| 50% |" in table and "| 100% |" in table
+    )
     assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for card in (output / "pretraining" / "README.md", output / "finetuning" / "selfie-0.5-seed1" / "README.md"):
         assert "## Pretraining against training from scratch" in card.read_text()
@@ -208,10 +297,35 @@ def test_sweep_writes_the_table_the_plot_and_the_cards(tmp_path, image_folder):
 def test_two_processes_with_accelerate_launch(tmp_path, parquet_folder):
     command = [
         # accelerate's torchrun launcher (--multi_gpu), on the CPU: two processes joined by gloo.
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPOSITORY / "run_pretraining.py"), "--use_cpu", "True",
-        "--dataset_name", str(parquet_folder), "--output_dir", str(tmp_path / "ddp"), "--do_train", "--do_eval",
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--log_level", "info", *TINY_MODEL_FLAGS, *QUIET_FLAGS,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPOSITORY / "run_pretraining.py"),
+        "--use_cpu",
+        "True",
+        "--dataset_name",
+        str(parquet_folder),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--log_level",
+        "info",
+        *TINY_MODEL_FLAGS,
+        *QUIET_FLAGS,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)

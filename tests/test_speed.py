@@ -15,7 +15,12 @@ def test_patchify_cuts_row_major_patches_in_the_layout_asked_for(channels_last):
     pixel_values = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)
     patches = patchify(pixel_values, 4, channels_last=channels_last)
     expected = torch.stack(
-        [pixel_values[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] for b in range(2) for r in range(2) for c in range(3)]
+        [
+            pixel_values[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4]
+            for b in range(2)
+            for r in range(2)
+            for c in range(3)
+        ]
     )
     assert torch.equal(patches, expected)
     layout = torch.channels_last if channels_last else torch.contiguous_format

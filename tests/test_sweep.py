@@ -12,7 +12,10 @@ import run_sweep
 
 
 BAD_SWEEPS = [
-    ('{"output_dir": "OUT", "label_fractions": [1.5]}', r"label_fractions \[1\.5\] must be a list of numbers in \(0, 1\]"),
+    (
+        '{"output_dir": "OUT", "label_fractions": [1.5]}',
+        r"label_fractions \[1\.5\] must be a list of numbers in \(0, 1\]",
+    ),
     ('{"output_dir": "OUT", "label_fractions": [0.05, 0]}', r"label_fractions \[0\.05, 0\] must be a list of numbers"),
     ('{"output_dir": "OUT", "label_fractions": ["0.05"]}', r"label_fractions \['0\.05'\] must be a list of numbers"),
     ('{"output_dir": "OUT", "label_fractions": 0.05}', r"label_fractions 0\.05 must be a list of numbers"),
@@ -23,8 +26,14 @@ BAD_SWEEPS = [
     ('{"output_dir": "OUT",', r"not valid JSON"),
     ('{"output_dir": "OUT", "finetuning": ["--seed", "1"]}', r"finetuning must be an object of flags"),
     # (argparse takes an unambiguous prefix of a flag as the flag: "num_train_epoch" would be num_train_epochs.)
-    ('{"output_dir": "OUT", "selfie": {"pretrained_lr": 0.1}}', r"the selfie runs' flags are refused: .*--pretrained_lr"),
-    ('{"output_dir": "OUT", "pretraining": {"num_epochs": 1}}', r"the pretraining runs' flags are refused: .*--num_epochs"),
+    (
+        '{"output_dir": "OUT", "selfie": {"pretrained_lr": 0.1}}',
+        r"the selfie runs' flags are refused: .*--pretrained_lr",
+    ),
+    (
+        '{"output_dir": "OUT", "pretraining": {"num_epochs": 1}}',
+        r"the pretraining runs' flags are refused: .*--num_epochs",
+    ),
 ]
 
 
@@ -42,7 +51,10 @@ def test_a_missing_sweep_file_is_one_line_with_status_2(tmp_path):
         [sys.executable, str(REPOSITORY / "run_sweep.py"), str(tmp_path / "none.json")], capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"run_sweep.py: error: {tmp_path / 'none.json'}: cannot be read (No such file or directory)."
+    assert (
+        result.stderr.strip()
+        == f"run_sweep.py: error: {tmp_path / 'none.json'}: cannot be read (No such file or directory)."
+    )
 
 
 def test_each_method_gets_its_own_flags(tmp_path):
