@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from safetensors import SafetensorError
 
-from modeling_selfie import SelfieForImageClassification, SelfieModel, save_timm_weights
-from modeling_selfie.timm_weights import timm_modules
-from selfie_training.runner import load_checkpoint, load_selfie_config, parse_arguments, run
+from selfie_training.checkpoints import load_checkpoint, load_selfie_config, saved_model_class
+from selfie_training.errors import UserError
+from selfie_training.runner import parse_arguments, run
+from selfie_training.timm_weights import save_timm_weights, timm_modules
 
 
 logger = logging.getLogger(__name__)
@@ -35,17 +36,16 @@ def main(args: list[str] | None = None) -> str:
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     path, output_file = export_args.model_name_or_path, export_args.output_file
     if not output_file.endswith(".safetensors"):
-        raise ValueError(f"--output_file {output_file} must end in .safetensors: timm reads the format from the name.")
+        raise UserError(f"--output_file {output_file} must end in .safetensors: timm reads the format from the name.")
     check_output_file(output_file, path, export_args.overwrite)
     config = load_selfie_config(path, "--model_name_or_path")
     # A classifier holds stage 4 and the classifier; any other checkpoint's ResNet is P, in its base model.
-    is_classifier = SelfieForImageClassification.__name__ in (config.architectures or [])
-    model = load_checkpoint(SelfieForImageClassification if is_classifier else SelfieModel, path, config=config)
+    model = load_checkpoint(saved_model_class(config), path, config=config)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
         save_timm_weights(model, output_file)
     except (OSError, SafetensorError) as error:
-        raise ValueError(f"--output_file {output_file}: cannot write it ({error}).") from error
+        raise UserError(f"--output_file {output_file}: cannot write it ({error}).") from error
     parts = ", ".join(
         prefix.rstrip(".") or "conv1, bn1, layer1-3" for prefix in timm_modules(model, with_classifier=True)
     )
@@ -59,11 +59,11 @@ def check_output_file(output_file: str, checkpoint: str, overwrite: bool):
     if os.path.isdir(checkpoint):
         folder, output = os.path.realpath(checkpoint), os.path.realpath(output_file)
         if os.path.commonpath([folder, output]) == folder:
-            raise ValueError(
+            raise UserError(
                 f"--output_file {output_file} is inside the checkpoint --model_name_or_path {checkpoint}: write it elsewhere."
             )
     if os.path.lexists(output_file) and not overwrite:
-        raise ValueError(f"--output_file {output_file} exists: add --overwrite to replace it.")
+        raise UserError(f"--output_file {output_file} exists: add --overwrite to replace it.")
 
 
 if __name__ == "__main__":

@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments, set_seed
 
-from modeling_selfie import AUTO_CLASSES, SelfieModel
+from selfie_training.checkpoints import saved_model_class
 from selfie_training.data import (
     DataArguments,
     LabelledSubsetArguments,
     choose_preset,
-    encode_label_splits,
-    find_image_column,
-    find_label_column,
+    labelled_splits,
     load_splits,
 )
+from selfie_training.errors import UserError
 from selfie_training.evaluation import (
     KNNArguments,
     extract_features,
@@ -74,9 +73,9 @@ class EvaluationArguments(KNNArguments):
     def __post_init__(self):
         super().__post_init__()
         if not self.probe_weight_decay >= 0:
-            raise ValueError(f"--probe_weight_decay {self.probe_weight_decay} must be at least 0.")
+            raise UserError(f"--probe_weight_decay {self.probe_weight_decay} must be at least 0.")
         if self.probe_max_iterations < 1:
-            raise ValueError(f"--probe_max_iterations {self.probe_max_iterations} must be at least 1.")
+            raise UserError(f"--probe_max_iterations {self.probe_max_iterations} must be at least 1.")
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -86,20 +85,18 @@ def main(args: list[str] | None = None) -> dict:
     setup(training_args)
     set_seed(training_args.seed)  # the random-init baseline's weights
     if (model_args.model_name_or_path is None) == (model_args.config_name is None):
-        raise ValueError(
+        raise UserError(
             "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
             "fresh weights: the random-init baseline), one of the two."
         )
 
     splits = load_splits(data_args)
-    image_column = find_image_column(splits["train"], data_args.image_column_name)
-    label_column = find_label_column(splits["train"], data_args.label_column_name)
-    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
     train, indices = subset_args.select(train, label_column)
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)
     image_processor = load_image_processor(model_args, preset, config)
-    model = build_model(saved_class(config), model_args, config).to(training_args.device)
+    model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
 
     start = time.perf_counter()
     train_features, test_features = (
@@ -136,20 +133,13 @@ def main(args: list[str] | None = None) -> dict:
     return results
 
 
-def saved_class(config) -> type:
-    """The class the checkpoint was saved from, so that all of its weights load (none missing, none unused);
-    `SelfieModel` for a config that names none."""
-    classes = {model_class.__name__: model_class for model_class, _ in AUTO_CLASSES}
-    return next((classes[name] for name in config.architectures or [] if name in classes), SelfieModel)
-
-
 def check_finite(features: torch.Tensor, split: str, model_args: ModelArguments):
     """NaN or infinite features would give the k-NN arbitrary neighbours, a meaningless accuracy, and break the
     probe's solver: refused before anything is written. (load_checkpoint refuses non-finite weights; finite ones
     can still overflow float32.)"""
     if not torch.isfinite(features).all():
         flag = "--model_name_or_path" if model_args.model_name_or_path is not None else "--config_name"
-        raise ValueError(
+        raise UserError(
             f"{flag} {model_args.model_name_or_path or model_args.config_name} gives NaN or infinite features for the "
             f"{split} images; nothing was written."
         )

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import matplotlib
 import numpy as np
 
-import run_image_classification
-import run_pretraining
-from modeling_selfie.configuration_selfie import _is_number
+from modeling_selfie.configuration_selfie import is_number
+from selfie_training import classification, pretraining
+from selfie_training.errors import UserError
 from selfie_training.model_card import set_section
 from selfie_training.runner import parse_arguments, run
 
@@ -57,34 +57,34 @@ class Sweep:
             with open(path) as file:
                 settings = json.load(file)
         except OSError as error:
-            raise ValueError(f"{path}: cannot be read ({error.strerror or error}).") from error
+            raise UserError(f"{path}: cannot be read ({error.strerror or error}).") from error
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}).") from error
+            raise UserError(f"{path}: not valid JSON ({error}).") from error
         if not isinstance(settings, dict):
-            raise ValueError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
+            raise UserError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
         unknown = set(settings) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}."
             )
         if "output_dir" not in settings:
-            raise ValueError(f"{path}: no output_dir.")
+            raise UserError(f"{path}: no output_dir.")
         sweep = cls(**settings)
         sweep.check(path)
         return sweep
 
     def check(self, path: str):
         if not isinstance(self.output_dir, str):
-            raise ValueError(f"{path}: output_dir {self.output_dir!r} must be a string.")
-        if not self.label_fractions or not all(_is_number(f) and 0 < f <= 1 for f in _as_list(self.label_fractions)):
-            raise ValueError(f"{path}: label_fractions {self.label_fractions!r} must be a list of numbers in (0, 1].")
+            raise UserError(f"{path}: output_dir {self.output_dir!r} must be a string.")
+        if not self.label_fractions or not all(is_number(f) and 0 < f <= 1 for f in _as_list(self.label_fractions)):
+            raise UserError(f"{path}: label_fractions {self.label_fractions!r} must be a list of numbers in (0, 1].")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in _as_list(self.seeds)):
-            raise ValueError(f"{path}: seeds {self.seeds!r} must be a list of integers.")
+            raise UserError(f"{path}: seeds {self.seeds!r} must be a list of integers.")
         for name in ("data", "pretraining", "finetuning", "scratch", "selfie"):
             if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{path}: {name} must be an object of flags, not {getattr(self, name)!r}.")
+                raise UserError(f"{path}: {name} must be an object of flags, not {getattr(self, name)!r}.")
         if self.pretrained_model is not None and not isinstance(self.pretrained_model, str):
-            raise ValueError(f"{path}: pretrained_model {self.pretrained_model!r} must be a string.")
+            raise UserError(f"{path}: pretrained_model {self.pretrained_model!r} must be a string.")
 
 
 def _as_list(value) -> list:
@@ -110,7 +110,7 @@ def pretrain(sweep: Sweep) -> str:
         return sweep.pretrained_model
     output_dir = os.path.join(sweep.output_dir, "pretraining")
     if not os.path.exists(os.path.join(output_dir, "all_results.json")):
-        run_pretraining.main(pretraining_flags(sweep))
+        pretraining.main(pretraining_flags(sweep))
     return output_dir
 
 
@@ -137,27 +137,25 @@ def check_flags(sweep: Sweep, path: str):
     runs = (
         []
         if sweep.pretrained_model is not None
-        else [("pretraining", run_pretraining.ARGUMENTS, pretraining_flags(sweep))]
+        else [("pretraining", pretraining.ARGUMENTS, pretraining_flags(sweep))]
     )
     pretrained = sweep.pretrained_model or os.path.join(sweep.output_dir, "pretraining")
     for method in METHODS:
-        runs.append((method, run_image_classification.ARGUMENTS, fine_tuning_flags(sweep, pretrained, method, 0.5, 0)))
+        runs.append((method, classification.ARGUMENTS, fine_tuning_flags(sweep, pretrained, method, 0.5, 0)))
     for name, arguments, run_flags in runs:
         try:
             parse_arguments(arguments, run_flags)
-        except ValueError as error:
-            raise ValueError(f"{path}: the {name} runs' flags are refused: {error}") from error
+        except UserError as error:
+            raise UserError(f"{path}: the {name} runs' flags are refused: {error}") from error
         except SystemExit as error:  # argparse has printed why
-            raise ValueError(
-                f"{path}: the {name} runs' flags are refused (argparse's line above says why)."
-            ) from error
+            raise UserError(f"{path}: the {name} runs' flags are refused (argparse's line above says why).") from error
 
 
 def fine_tune(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> float:
     """The validation accuracy of one fine-tuning run (read back if it has finished before)."""
     results_file = os.path.join(run_directory(sweep, method, fraction, seed), "all_results.json")
     if not os.path.exists(results_file):
-        run_image_classification.main(fine_tuning_flags(sweep, pretrained, method, fraction, seed))
+        classification.main(fine_tuning_flags(sweep, pretrained, method, fraction, seed))
     with open(results_file) as file:
         return json.load(file)["eval_accuracy"]
 
@@ -217,7 +215,7 @@ def plot(rows: list[dict], path: str):
 def main(args: list[str] | None = None) -> list[dict]:
     args = sys.argv[1:] if args is None else args
     if len(args) != 1:
-        raise ValueError("usage: python run_sweep.py SWEEP.json")
+        raise UserError("usage: python run_sweep.py SWEEP.json")
     sweep = Sweep.from_json(args[0])
     check_flags(sweep, args[0])
     pretrained = pretrain(sweep)

@@ -31,7 +31,6 @@ import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,20 +39,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import HfArgumentParser, TrainerCallback
 from transformers.modelcard import make_markdown_table
 
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))  # the training scripts live at the repository's root
-
-import run_pretraining  # noqa: E402
-from modeling_selfie import (  # noqa: E402
+from modeling_selfie import (
     SelfieConfig,
     SelfieForImageClassification,
     SelfieForMaskedPatchPrediction,
-    get_preset,
+    preset_image_processor,
     random_patch_mask,
 )
-from modeling_selfie.modeling_selfie import create_resnet  # noqa: E402
-from selfie_training.data import (  # noqa: E402
+from modeling_selfie.modeling_selfie import create_resnet
+from selfie_training import pretraining
+from selfie_training.data import (
     DataArguments,
     RandomStream,
     collate_images,
@@ -63,7 +58,7 @@ from selfie_training.data import (  # noqa: E402
     read_image,
     with_image_transform,
 )
-from selfie_training.runner import ModelArguments, build_config, run, save_json  # noqa: E402
+from selfie_training.runner import ModelArguments, build_config, run, save_json
 
 
 logger = logging.getLogger(__name__)
@@ -107,9 +102,12 @@ class BenchmarkArguments:
             "channels_last convolution backward crashes (segfault) for some tiny layers in torch 2.14."
         },
     )
-    dataset_name: str = field(
-        default=str(REPOSITORY.parent / "shared" / "data" / "cifar10"),
-        metadata={"help": "Real images for the script and data measurements (a folder or a Hub dataset)."},
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Real images for the script and data measurements: a folder or a Hub dataset, e.g. "
+            "uoft-cs/cifar10. Default: the scripts' embedded handwritten digits."
+        },
     )
     dataloader_num_workers: int | None = field(
         default=None,
@@ -325,7 +323,7 @@ def measure_script(settings: Settings) -> dict:
     the warm-up steps to the end of the last step."""
     timer = StepTimer(settings.warmup_steps, settings.device)
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer, *_ = run_pretraining.build_trainer(_script_flags(settings, output_dir))
+        trainer, *_ = pretraining.build_trainer(_script_flags(settings, output_dir))
         trainer.add_callback(timer)
         trainer.train()
     return {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
@@ -334,7 +332,6 @@ def measure_script(settings: Settings) -> dict:
 def _script_flags(settings: Settings, output_dir: str) -> list[str]:
     args = settings.args
     flags = [
-        "--dataset_name", args.dataset_name,
         "--preset", settings.grid,
         "--backbone", args.backbone,
         "--output_dir", output_dir,
@@ -351,7 +348,7 @@ def _script_flags(settings: Settings, output_dir: str) -> list[str]:
         "--channels_last", str(settings.channels_last),
         "--torch_compile", str(args.torch_compile),
     ]  # fmt: skip
-    for name in ("backbone_kwargs", "config_overrides"):
+    for name in ("dataset_name", "backbone_kwargs", "config_overrides"):
         if getattr(args, name) is not None:
             flags += [f"--{name}", getattr(args, name)]
     return flags
@@ -391,7 +388,7 @@ def measure_decode(settings: Settings) -> dict:
 
 def measure_transform(settings: Settings) -> dict:
     """Decoding and the training transforms (crop and flip, to tensor, normalisation), in this one process."""
-    transform = image_transform(get_preset(settings.grid).image_processor(), train=True)
+    transform = image_transform(preset_image_processor(settings.grid), train=True)
     return _time_per_image(settings, lambda entry: transform(read_image(entry)))
 
 
@@ -412,10 +409,10 @@ def measure_loader(settings: Settings) -> dict:
     config = settings.model_config()
     dataset = with_image_transform(
         images,
-        image_transform(get_preset(settings.grid).image_processor(), train=True),
+        image_transform(preset_image_processor(settings.grid), train=True),
         column,
         stream=RandomStream(0),
-        masks=(config.num_patches, config.num_masked_patches),
+        mask_sizes=(config.num_patches, config.num_masked_patches),
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -455,7 +452,9 @@ def in_own_process(function, *args):
     # torch asks NVML instead with this (read by the server, which inherits it, at every check).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["run_pretraining"])  # imports all the others; read when the server starts
+    context.set_forkserver_preload(
+        ["selfie_training.pretraining"]
+    )  # imports all the others; read when the server starts
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_run_and_send, args=(sender, function, args))
     process.start()

@@ -64,7 +64,7 @@ def main():
         for transform_name, transform in transforms.items():
             for on_batch in (False, True):
                 model = SelfieForMaskedPatchPrediction.from_pretrained(args.checkpoint)
-                dataset = with_image_transform(images, transform, column, stream=RandomStream(0), masks=masks)
+                dataset = with_image_transform(images, transform, column, stream=RandomStream(0), mask_sizes=masks)
                 accuracy = candidate_accuracy(model, dataset, on_batch)
                 statistics = "the batch's" if on_batch else "running"
                 print(

@@ -7,7 +7,9 @@ package is not installed.
 
 import transformers
 
-from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, SelfieConfig, SelfiePreset, get_preset
+from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, SelfieConfig
+from .image_processing_selfie import preset_image_processor
+from .losses import PatchSelectionLoss, candidate_hits
 from .modeling_selfie import (
     AUTO_CLASSES,
     SelfieForImageClassification,
@@ -16,7 +18,6 @@ from .modeling_selfie import (
     SelfiePreTrainedModel,
     random_patch_mask,
 )
-from .timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
 
 
 transformers.AutoConfig.register(SelfieConfig.model_type, SelfieConfig)
@@ -28,15 +29,13 @@ for model_class, auto_class in AUTO_CLASSES:
 __all__ = [
     "CLASSIFIER_HEADS",
     "PRESETS",
+    "PatchSelectionLoss",
     "SelfieConfig",
     "SelfieForImageClassification",
     "SelfieForMaskedPatchPrediction",
     "SelfieModel",
     "SelfiePreTrainedModel",
-    "SelfiePreset",
-    "get_preset",
-    "load_timm_weights",
+    "candidate_hits",
+    "preset_image_processor",
     "random_patch_mask",
-    "save_timm_weights",
-    "timm_state_dict",
 ]

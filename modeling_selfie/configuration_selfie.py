@@ -1,14 +1,11 @@
-"""Selfie model configuration and the paper's three preset settings."""
+"""Selfie model configuration, and the architecture of the paper's three settings."""
 
 import inspect
 import math
-from dataclasses import dataclass
 
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import is_model_in_modules
 from timm.models.resnet import ResNet
-from transformers import BitImageProcessor, PreTrainedConfig
-from transformers.image_utils import PILImageResampling
+from transformers import PreTrainedConfig
 
 
 STEMS = ("imagenet", "cifar")
@@ -18,12 +15,11 @@ CLASSIFIER_HEADS = ("resnet", "attention_pooling")
 # The arguments of timm's ResNet that the models set themselves, and from what; `backbone_kwargs` may give the others.
 SET_BY_SELFIE = {"num_classes": "the model's head", "in_chans": "num_channels", "norm_layer": "backbone_norm"}
 RESNET_ARGUMENTS = set(inspect.signature(ResNet.__init__).parameters) - {"self", *SET_BY_SELFIE}
-TIMM_WEIGHTS = "timm"  # the "weights" of a "timm_weights" stage that started from timm's own pretrained weights
-# The fields of each kind of `training_stages` entry, beside "task", and their types.
-TRAINING_STAGE_FIELDS = {
-    "timm_weights": {"weights": str},
-    "pretraining": {"dataset": str, "norm_only": bool},
-    "classification": {"dataset": str},
+# The architecture of the paper's three settings; the image processor of each is in `image_processing_selfie.py`.
+PRESETS = {
+    "cifar10": {"image_size": 32, "patch_size": 8, "stem": "cifar", "num_masked_patches": 4},
+    "imagenet32": {"image_size": 32, "patch_size": 8, "stem": "cifar", "num_masked_patches": 4},
+    "imagenet224": {"image_size": 224, "patch_size": 32, "stem": "imagenet", "num_masked_patches": 12},
 }
 
 
@@ -47,10 +43,6 @@ class SelfieConfig(PreTrainedConfig):
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model`, e.g. `{"layers": [1, 1, 1, 1], "channels": [8, 16, 32,
             64]}` for a tiny network in tests.
-        backbone_pretrained (`bool`, *optional*, defaults to `False`):
-            Start P (and stage 4) from timm's ImageNet weights when the model is built from this config. Needs the
-            Hugging Face Hub, and the `"batchnorm"` norm. Ignored by `from_pretrained`, which loads the checkpoint's
-            own weights. With the `"cifar"` stem, the replaced stem starts fresh.
         backbone_norm (`str`, *optional*, defaults to `"batchnorm"`):
             Normalisation layers of the ResNet: `"batchnorm"`, `"layernorm"` (timm's `LayerNorm2d`, over the channels
             at every position) or `"groupnorm"` (32 groups, fewer where a layer has fewer channels). CPC v2 found that
@@ -92,7 +84,7 @@ class SelfieConfig(PreTrainedConfig):
             `"factorized"`: learned row and column embeddings, pos(r, c) = row_r + col_c (7 + 7 vectors on a 7x7
             grid, as in the paper). `"full"`: one learned vector per grid cell.
         score_temperature (`float`, *optional*):
-            The candidate scores <u + pos_i, h_j> are divided by this. Defaults to `sqrt(hidden_size)`: raw dot
+            The temperature of the patch-selection loss: the candidate scores <u + pos_i, h_j> are divided by it. Defaults to `sqrt(hidden_size)`: raw dot
             products of 1024-d vectors diverged within a few steps in our experiments. `1.0` gives the raw scores.
         classifier_head (`str`, *optional*, defaults to `"resnet"`):
             Head of [`SelfieForImageClassification`]: `"resnet"` (P on the full image, then stage 4, average pooling
@@ -104,13 +96,11 @@ class SelfieConfig(PreTrainedConfig):
             Standard deviation of the truncated normal initialisation of linear layers, position embeddings and u0.
             Convolutions are initialised as timm initialises its ResNets.
         training_stages (`list[dict]`, *optional*):
-            Where the weights came from, oldest stage first; the training scripts append their own stage, and the
-            model cards show the chain. Saved with every checkpoint, so that it travels with the weights. Each entry
-            is a small dict with a `"task"`: `{"task": "timm_weights", "weights": "timm" or a file}` (the ResNet
-            started from timm's pretrained weights or from a timm checkpoint file; first only), `{"task":
-            "pretraining", "dataset": name, "norm_only": bool}` (Selfie pretraining; `norm_only`: only the patch
-            network's norm layers trained) or `{"task": "classification", "dataset": name}` (fine-tuning with
-            labels). Defaults to no stages: fresh weights.
+            Where the weights came from, oldest stage first: provenance, not architecture. The training scripts append
+            their own stage and the model cards show the chain; saved with every checkpoint, so that it travels with
+            the weights. Each entry is a dict with a `"task"` (today `"timm_weights"`, `"pretraining"` or
+            `"classification"`) and fields of its own; entries of other tasks or with other fields, written by a later
+            version, are kept as they are. Defaults to no stages: fresh weights.
 
     Example:
 
@@ -126,7 +116,6 @@ class SelfieConfig(PreTrainedConfig):
 
     backbone: str = "resnet50"
     backbone_kwargs: dict | None = None
-    backbone_pretrained: bool = False
     backbone_norm: str = "batchnorm"
     stem: str = "imagenet"
     num_channels: int = 3
@@ -175,15 +164,12 @@ class SelfieConfig(PreTrainedConfig):
         rows, columns = self.grid_size
         return rows * columns
 
-    @property
-    def attention_temperature(self) -> float:
-        """The divisor of the candidate scores (see `score_temperature`)."""
-        return self.score_temperature if self.score_temperature is not None else self.hidden_size**0.5
-
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "SelfieConfig":
         """The configuration of one of the paper's settings (`PRESETS`), with `kwargs` overriding its fields."""
-        return get_preset(name).config(**kwargs)
+        if name not in PRESETS:
+            raise ValueError(f"Unknown Selfie preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **kwargs})
 
     def _check_fields(self):
         if not isinstance(self.backbone, str) or not is_model_in_modules(self.backbone, ["resnet"]):
@@ -194,17 +180,11 @@ class SelfieConfig(PreTrainedConfig):
         _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
-        if self.backbone_pretrained and self.backbone_norm != "batchnorm":
-            _fail(
-                "backbone_pretrained",
-                True,
-                f"needs backbone_norm='batchnorm' (timm's weights), not {self.backbone_norm!r}",
-            )
         for name in ("num_channels", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             _check_positive_int(name, getattr(self, name))
         size = self.image_size
         if not (
-            _is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size)))
+            is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(is_positive_int, size)))
         ):
             _fail("image_size", size, "must be a positive int or [height, width]")
         if any(side % self.patch_size for side in self.image_height_width):
@@ -213,14 +193,14 @@ class SelfieConfig(PreTrainedConfig):
             _fail("num_attention_heads", self.num_attention_heads, f"must divide hidden_size={self.hidden_size}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < 1:
+            if not is_number(value) or not 0 <= value < 1:
                 _fail(name, value, "must be a probability in [0, 1)")
         for name in ("mlp_ratio", "layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 _fail(name, value, "must be a positive number")
         if self.score_temperature is not None and (
-            not _is_number(self.score_temperature) or self.score_temperature <= 0
+            not is_number(self.score_temperature) or self.score_temperature <= 0
         ):
             _fail(
                 "score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)"
@@ -240,33 +220,21 @@ class SelfieConfig(PreTrainedConfig):
                 _fail("backbone_kwargs", kwargs, f"has {key!r}, which is not an argument of timm's ResNet")
         for key in ("layers", "channels"):
             value = kwargs.get(key, [1, 1, 1, 1])  # where absent, the backbone's own, which fit
-            if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(_is_positive_int, value))):
+            if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(is_positive_int, value))):
                 _fail("backbone_kwargs", kwargs, f"{key} must be a list of 4 positive ints, one a stage")
 
     def _check_training_stages(self):
-        if not isinstance(self.training_stages, list):
-            _fail("training_stages", self.training_stages, "must be a list of dicts")
-        for index, stage in enumerate(self.training_stages):
-            field = f"training_stages[{index}]"
-            task = stage.get("task") if isinstance(stage, dict) else None
-            if not isinstance(task, str) or task not in TRAINING_STAGE_FIELDS:
-                _fail(
-                    field,
-                    stage,
-                    f"must be a dict whose 'task' is one of {', '.join(map(repr, TRAINING_STAGE_FIELDS))}",
-                )
-            fields = TRAINING_STAGE_FIELDS[task]
-            if stage.keys() != {"task", *fields} or not all(
-                isinstance(stage[name], kind) for name, kind in fields.items()
-            ):
-                expected = ", ".join(f"{name!r} ({kind.__name__})" for name, kind in fields.items())
-                _fail(field, stage, f"must hold 'task' and {expected}, nothing else")
-            if task == "timm_weights" and index > 0:
-                _fail(field, stage, "can only be the first stage: timm weights start a model afresh")
+        # Only the shape that every version writes: a later version's stages must load in this one.
+        stages = self.training_stages
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            _fail("training_stages", stages, "must be a list of dicts")
+        for index, stage in enumerate(stages):
+            if not isinstance(stage.get("task"), str):
+                _fail(f"training_stages[{index}]", stage, "must name its 'task'")
 
     def _check_masking(self):
         masked = self.num_masked_patches
-        if not _is_positive_int(masked) or not 2 <= masked < self.num_patches:
+        if not is_positive_int(masked) or not 2 <= masked < self.num_patches:
             _fail(
                 "num_masked_patches",
                 masked,
@@ -279,73 +247,20 @@ def _fail(field: str, value, requirement: str):
     raise ValueError(f"SelfieConfig.{field}={value!r} {requirement}.")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     """A finite int or float (not a bool, NaN or infinity)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_positive_int(value) -> bool:
+def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_positive_int(field: str, value):
-    if not _is_positive_int(value):
+    if not is_positive_int(value):
         _fail(field, value, "must be a positive int")
 
 
 def _check_choice(field: str, value, choices: tuple[str, ...]):
     if value not in choices:
         _fail(field, value, f"must be one of {', '.join(map(repr, choices))}")
-
-
-@dataclass(frozen=True)
-class SelfiePreset:
-    """One of the paper's settings: the fields of its [`SelfieConfig`] and the image pipeline that goes with it."""
-
-    image_size: int
-    patch_size: int
-    stem: str
-    num_masked_patches: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    resize_shortest_edge: int  # before the centre crop to `image_size` at evaluation
-
-    def config(self, **kwargs) -> SelfieConfig:
-        fields = {
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "stem": self.stem,
-            "num_masked_patches": self.num_masked_patches,
-        }
-        return SelfieConfig(**{**fields, **kwargs})
-
-    def image_processor(self, **kwargs) -> BitImageProcessor:
-        """The evaluation pipeline: to RGB, resize the shortest edge, centre crop, rescale to [0, 1], normalise."""
-        settings = {
-            "resample": PILImageResampling.BILINEAR,  # as the training scripts' torchvision transforms
-            "size": {"shortest_edge": self.resize_shortest_edge},
-            "crop_size": {"height": self.image_size, "width": self.image_size},
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
-        return BitImageProcessor(**{**settings, **kwargs})
-
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-PRESETS = {
-    "cifar10": SelfiePreset(32, 8, "cifar", 4, CIFAR10_MEAN, CIFAR10_STD, resize_shortest_edge=32),
-    "imagenet32": SelfiePreset(
-        32, 8, "cifar", 4, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=32
-    ),
-    "imagenet224": SelfiePreset(
-        224, 32, "imagenet", 12, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_shortest_edge=256
-    ),
-}
-
-
-def get_preset(name: str) -> SelfiePreset:
-    if name not in PRESETS:
-        raise ValueError(f"Unknown Selfie preset {name!r}; choose one of {', '.join(PRESETS)}.")
-    return PRESETS[name]

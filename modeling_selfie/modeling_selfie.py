@@ -1,9 +1,9 @@
 """PyTorch Selfie: self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019)."""
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import timm
 import torch
@@ -15,11 +15,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
-from transformers.modeling_utils import get_torch_context_manager_or_global_device
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_selfie import SelfieConfig
+from .losses import PatchSelectionLoss, candidate_hits
 
 
 @dataclass
@@ -78,36 +78,20 @@ def _group_norm(num_channels: int, **kwargs) -> nn.GroupNorm:
 
 
 NORM_LAYERS = {"batchnorm": nn.BatchNorm2d, "layernorm": LayerNorm2d, "groupnorm": _group_norm}
-NORM_LAYER_TYPES = (
-    nn.BatchNorm2d,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)  # every norm of the models (LayerNorm2d is a LayerNorm)
-LAST_NORM_OF_BLOCK = {BasicBlock: "bn2", Bottleneck: "bn3"}  # the norms timm's `zero_init_last` zeroes
+# Every norm of the models (LayerNorm2d is a LayerNorm).
+NORM_LAYER_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 def create_resnet(config: SelfieConfig) -> nn.Module:
-    """The full timm ResNet of `config`, without its classifier, stem and norm layers as the config says."""
-    # `from_pretrained` builds the model on the meta device and then loads the checkpoint's own weights:
-    # only a model built fresh from a config starts from timm's ImageNet weights.
-    pretrained = config.backbone_pretrained and get_torch_context_manager_or_global_device() != torch.device("meta")
+    """The full timm ResNet of `config` (fresh weights, never downloaded), without its classifier, with the stem and
+    norm layers that the config says."""
     resnet = timm.create_model(
         config.backbone,
-        pretrained=pretrained,
         num_classes=0,
         in_chans=config.num_channels,
         norm_layer=NORM_LAYERS[config.backbone_norm],
         **(config.backbone_kwargs or {}),
     )
-    if pretrained:
-        # Keep the loaded weights through `post_init`, which initialises every tensor not flagged like this.
-        for tensor in itertools.chain(resnet.parameters(), resnet.buffers()):
-            tensor._is_hf_initialized = True
-    # timm starts every residual branch as an identity, the scale of its last norm at zero; mark those norms so
-    # that `_init_weights` does the same for the weights it initialises.
-    for block in resnet.modules():
-        if type(block) in LAST_NORM_OF_BLOCK:
-            getattr(block, LAST_NORM_OF_BLOCK[type(block)]).zero_init = True
     if config.stem == "cifar":
         stem_channels = resnet.feature_info[0]["num_chs"]
         resnet.conv1 = nn.Conv2d(config.num_channels, stem_channels, 3, stride=1, padding=1, bias=False)
@@ -115,11 +99,18 @@ def create_resnet(config: SelfieConfig) -> nn.Module:
     return resnet
 
 
-def create_patch_network(config: SelfieConfig) -> nn.Module:
-    """P: the stem and stages 1-3 of the ResNet; its `forward_features` gives the stage-3 feature map."""
+class ResNetSplit(NamedTuple):
+    patch_network: nn.Module  # P: the stem and stages 1-3; its `forward_features` gives the stage-3 feature map
+    layer4: nn.Module  # stage 4, named as timm names it
+    layer4_channels: int
+
+
+def split_resnet(config: SelfieConfig) -> ResNetSplit:
+    """One ResNet of `config`, cut after stage 3."""
     resnet = create_resnet(config)
+    layer4, layer4_channels = resnet.layer4, resnet.num_features
     resnet.prune_intermediate_layers(indices=[3])  # feature index 3 is stage 3: stage 4 goes
-    return resnet
+    return ResNetSplit(resnet, layer4, layer4_channels)
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int, channels_last: bool = False) -> torch.Tensor:
@@ -255,7 +246,7 @@ class SelfiePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, NORM_LAYER_TYPES):
             if module.weight is not None:
-                init.constant_(module.weight, 0.0 if getattr(module, "zero_init", False) else 1.0)
+                init.ones_(module.weight)
                 init.zeros_(module.bias)
             if getattr(module, "running_mean", None) is not None:
                 init.zeros_(module.running_mean)
@@ -265,6 +256,17 @@ class SelfiePreTrainedModel(PreTrainedModel):
             for parameter in module.parameters(recurse=False):
                 init.trunc_normal_(parameter, std=std)
 
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        super().initialize_weights()
+        # As timm: every residual branch starts as an identity, the scale of its last norm at zero (timm's own
+        # `zero_init_last`). Not in `_init_weights`, which transformers does not call on modules without parameters
+        # of their own, such as the blocks; the guard keeps every loaded weight as it is.
+        for module in self.modules():
+            if isinstance(module, (BasicBlock, Bottleneck)):
+                module.zero_init_last()
+
 
 class SelfieModel(SelfiePreTrainedModel):
     """
@@ -272,16 +274,19 @@ class SelfieModel(SelfiePreTrainedModel):
     network A that summarises the visible patches into u.
 
     With `add_attention_pooling=False` (used by the plain-ResNet classifier) the model holds P alone and returns
-    only `patch_embeddings`, P's own vectors (no projection to `hidden_size`).
+    only `patch_embeddings`, P's own vectors (no projection to `hidden_size`). `patch_network` is P where the caller
+    built it: the classifier keeps stage 4 of the same ResNet.
 
     A note on `backbone_norm="batchnorm"`: in training mode, BatchNorm normalises each layer over the whole batch of
     patches, visible and hidden alike, so the summary u depends slightly on the hidden patches' pixels. In eval mode,
     or with a per-sample norm (`"layernorm"`, `"groupnorm"`), it does not depend on them at all.
     """
 
-    def __init__(self, config: SelfieConfig, add_attention_pooling: bool = True):
+    def __init__(
+        self, config: SelfieConfig, add_attention_pooling: bool = True, patch_network: nn.Module | None = None
+    ):
         super().__init__(config)
-        self.patch_network = create_patch_network(config)
+        self.patch_network = patch_network if patch_network is not None else split_resnet(config).patch_network
         patch_features = self.patch_network.num_features
         if add_attention_pooling and patch_features != config.hidden_size:
             self.patch_projection = nn.Linear(patch_features, config.hidden_size)  # into A's width
@@ -374,14 +379,16 @@ class SelfieModel(SelfiePreTrainedModel):
 
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     """
-    Selfie pretraining: for every hidden position i, the query u + pos_i scores each hidden patch j of the same
-    image by <u + pos_i, h_j> / temperature; the loss is the cross-entropy of choosing j = i. Every hidden position
-    of the batch is scored in one batched matrix product.
+    Selfie pretraining: the summary u of the visible patches must pick, for every hidden position, its own patch out
+    of the image's hidden patches ([`PatchSelectionLoss`]).
     """
 
     def __init__(self, config: SelfieConfig):
         super().__init__(config)
         self.selfie = SelfieModel(config)
+        # sqrt(hidden_size) by default: raw dot products of 1024-d vectors diverged within a few steps.
+        temperature = config.score_temperature if config.score_temperature is not None else config.hidden_size**0.5
+        self.patch_selection_loss = PatchSelectionLoss(temperature)
         self.post_init()
 
     @can_return_tuple
@@ -405,16 +412,15 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
             )
         outputs = self.selfie(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
         _, hidden = split_positions(bool_masked_pos, config.num_masked_patches)
-        candidates = _gather_patches(outputs.patch_embeddings, hidden)
-        queries = outputs.pooler_output.unsqueeze(1) + self.selfie.position_embeddings()[hidden]
-        logits = queries @ candidates.transpose(1, 2) / config.attention_temperature
-        targets = torch.arange(config.num_masked_patches, device=logits.device).expand(logits.shape[:2])
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        accuracy = (logits.argmax(dim=-1) == targets).float().mean()
+        loss, logits = self.patch_selection_loss(
+            outputs.pooler_output,
+            self.selfie.position_embeddings()[hidden],
+            _gather_patches(outputs.patch_embeddings, hidden),
+        )
         return SelfieForMaskedPatchPredictionOutput(
             loss=loss,
             logits=logits,
-            accuracy=accuracy,
+            accuracy=candidate_hits(logits.detach()).mean(),
             bool_masked_pos=bool_masked_pos,
             hidden_states=outputs.hidden_states,
         )
@@ -430,15 +436,15 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
 
     def __init__(self, config: SelfieConfig):
         super().__init__(config)
-        use_attention_pooling = config.classifier_head == "attention_pooling"
-        self.selfie = SelfieModel(config, add_attention_pooling=use_attention_pooling)
-        if use_attention_pooling:
-            self.stage4 = None
+        resnet = split_resnet(config)
+        if config.classifier_head == "attention_pooling":
+            self.selfie = SelfieModel(config, patch_network=resnet.patch_network)
+            self.layer4 = None
             num_features = config.hidden_size
         else:
-            resnet = create_resnet(config)
-            self.stage4 = resnet.layer4
-            num_features = resnet.num_features
+            self.selfie = SelfieModel(config, add_attention_pooling=False, patch_network=resnet.patch_network)
+            self.layer4 = resnet.layer4
+            num_features = resnet.layer4_channels
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Linear(num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
@@ -463,10 +469,10 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         feature_map = self.selfie.feature_map(pixel_values)
-        if self.stage4 is None:
+        if self.layer4 is None:
             pooled, head_states = self.selfie.summarize_feature_map(feature_map, output_hidden_states)
         else:
-            last_feature_map = self.stage4(feature_map)
+            last_feature_map = self.layer4(feature_map)
             pooled, head_states = last_feature_map.mean(dim=(2, 3)), (last_feature_map,)
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torchvision.transforms import v2
 from transformers import BitImageProcessor
 
 from modeling_selfie import PRESETS, random_patch_mask
+
+from .errors import UserError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -96,15 +99,15 @@ class DataArguments:
         }
         for flag, value in shares.items():
             if not 0 <= value <= 1:
-                raise ValueError(f"{flag} {value} must be in [0, 1].")
+                raise UserError(f"{flag} {value} must be in [0, 1].")
         if not 0 < self.train_val_split < 1:
-            raise ValueError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
+            raise UserError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
         for flag, value in {
             "--max_train_samples": self.max_train_samples,
             "--max_eval_samples": self.max_eval_samples,
         }.items():
             if value is not None and value < 0:
-                raise ValueError(f"{flag} {value} must be at least 0.")
+                raise UserError(f"{flag} {value} must be at least 0.")
 
     @property
     def source(self) -> str:
@@ -124,7 +127,7 @@ def load_splits(args: DataArguments) -> dict:
         logger.info("No dataset given: using scikit-learn's handwritten digits (1,797 images, 10 classes).")
         splits = dict(digits_dataset())
     if "train" not in splits:
-        raise ValueError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
+        raise UserError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
     held_out_stream = validation is None and args.streaming
@@ -144,7 +147,7 @@ def load_splits(args: DataArguments) -> dict:
                 if held_out
                 else ""
             )
-            raise ValueError(f"The {name} split of the dataset is empty{reason}.")
+            raise UserError(f"The {name} split of the dataset is empty{reason}.")
     return splits
 
 
@@ -164,7 +167,7 @@ def _load(flag: str, path: str, args: DataArguments, **kwargs):
     if os.path.isfile(path):  # which `load_dataset` would look for as a folder or a Hub name
         source = DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
         if source is None:
-            raise ValueError(
+            raise UserError(
                 f"{flag} {path} is a file: give the folder that holds the data, or a single "
                 f"{', '.join(DATA_FILE_BUILDERS)} file."
             )
@@ -172,7 +175,7 @@ def _load(flag: str, path: str, args: DataArguments, **kwargs):
     try:
         return load_dataset(source, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
     except (FileNotFoundError, ValueError) as error:  # no such dataset or files; no data in them
-        raise ValueError(f"{flag} {path}: {str(error).strip().splitlines()[0]}") from error
+        raise UserError(f"{flag} {path}: {first_line(error)}") from error
 
 
 def _hold_out(train, args: DataArguments):
@@ -225,7 +228,7 @@ def find_image_column(dataset, given: str | None = None) -> str:
     for name in [*IMAGE_COLUMNS, *of_image_type]:
         if name in columns:
             return name
-    raise ValueError(f"No image column found among the dataset's columns {columns}; name it with --image_column_name.")
+    raise UserError(f"No image column found among the dataset's columns {columns}; name it with --image_column_name.")
 
 
 def find_label_column(dataset, given: str | None = None, required: bool = True) -> str | None:
@@ -237,7 +240,7 @@ def find_label_column(dataset, given: str | None = None, required: bool = True) 
         if name in columns:
             return name
     if required:
-        raise ValueError(
+        raise UserError(
             f"No label column found among the dataset's columns {columns}; name it with --label_column_name."
         )
     return None
@@ -245,17 +248,17 @@ def find_label_column(dataset, given: str | None = None, required: bool = True) 
 
 def _check_column(name: str, columns: list[str], flag: str):
     if name not in columns:
-        raise ValueError(f"{flag} {name!r} is not a column of the dataset; its columns are {columns}.")
+        raise UserError(f"{flag} {name!r} is not a column of the dataset; its columns are {columns}.")
 
 
 def encode_labels(dataset, label_column: str, names: list[str] | None = None) -> tuple:
     """The dataset with its label column as a `ClassLabel`, and the class names. A column that is not one already
     is encoded with `names` (train's classes) where given, else with its own sorted values."""
     if label_column not in _column_names(dataset):
-        raise ValueError(f"A split has no label column {label_column!r}; its columns are {_column_names(dataset)}.")
+        raise UserError(f"A split has no label column {label_column!r}; its columns are {_column_names(dataset)}.")
     feature = dataset.features.get(label_column) if dataset.features else None
     if isinstance(dataset, IterableDataset) and not isinstance(feature, ClassLabel):
-        raise ValueError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
+        raise UserError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
     if not isinstance(dataset, IterableDataset):
         _check_no_missing_labels(dataset, label_column)
     if isinstance(feature, ClassLabel):
@@ -266,7 +269,7 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
     ids = {name: i for i, name in enumerate(names)}
     unknown = sorted({str(value) for value in dataset[label_column]} - ids.keys())
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"Labels {unknown[:5]} in column {label_column!r} are not among the training classes {names[:10]}."
         )
     encoded = dataset.map(
@@ -279,7 +282,7 @@ def _check_no_missing_labels(dataset, label_column: str):
     """A `None` label would become a class of its own, or fail deep inside `datasets`: refused, counted."""
     missing = sum(value is None for value in dataset[label_column])
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{missing} of {len(dataset)} images of a split have no label (None) in column {label_column!r}: drop "
             "them, or pretrain on them with run_pretraining.py, which needs no labels."
         )
@@ -290,16 +293,35 @@ def encode_label_splits(train, validation, label_column: str) -> tuple:
     train, names = encode_labels(train, label_column)
     if len(names) < 2:
         # One class would make transformers treat the task as regression (one output, an MSE loss, accuracy 1.0).
-        raise ValueError(
+        raise UserError(
             f"The training split has {len(names)} class ({names}) in column {label_column!r}: a classifier needs at "
             "least 2 classes."
         )
     validation, validation_names = encode_labels(validation, label_column, names)
     if validation_names != names:
-        raise ValueError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
+        raise UserError(f"The validation split's classes {validation_names[:10]} differ from train's {names[:10]}.")
     check_labels(train, label_column, names, "train")
     check_labels(validation, label_column, names, "validation")
     return train, validation, names
+
+
+class LabelledSplits(NamedTuple):
+    """The training and validation splits, their labels encoded as ids of train's classes (`names`)."""
+
+    train: Dataset | IterableDataset
+    validation: Dataset | IterableDataset
+    image_column: str
+    label_column: str
+    names: list[str]
+
+
+def labelled_splits(splits: dict, args: DataArguments) -> LabelledSplits:
+    """The image and label columns of `load_splits`' splits (as the flags name them, or found), and both splits with
+    their labels encoded and checked (`encode_label_splits`)."""
+    image_column = find_image_column(splits["train"], args.image_column_name)
+    label_column = find_label_column(splits["train"], args.label_column_name)
+    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    return LabelledSplits(train, validation, image_column, label_column, names)
 
 
 def check_labels(dataset, label_column: str, names: list[str], split: str):
@@ -309,7 +331,7 @@ def check_labels(dataset, label_column: str, names: list[str], split: str):
     labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
     outside = sorted(set(labels[(labels < 0) | (labels >= len(names))].tolist()))
     if outside:
-        raise ValueError(
+        raise UserError(
             f"The {split} split has label ids {outside[:5]} in column {label_column!r}, outside the {len(names)} "
             "classes of the model (-1 marks unlabelled images in some datasets): drop them or use another split."
         )
@@ -328,7 +350,7 @@ def labelled_indices(
         count = per_class if per_class is not None else round(fraction * len(members))
         flag = f"--labels_per_class {per_class}" if per_class is not None else f"--label_fraction {fraction}"
         if not 1 <= count <= len(members):
-            raise ValueError(f"{flag} asks for {count} images of class {label} but it has {len(members)}.")
+            raise UserError(f"{flag} asks for {count} images of class {label} but it has {len(members)}.")
         chosen.append(generator.choice(members, size=count, replace=False))
     return sorted(np.concatenate(chosen).tolist())
 
@@ -345,11 +367,11 @@ class LabelledSubsetArguments:
 
     def __post_init__(self):
         if self.label_fraction is not None and self.labels_per_class is not None:
-            raise ValueError("Give --label_fraction or --labels_per_class, not both.")
+            raise UserError("Give --label_fraction or --labels_per_class, not both.")
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
-            raise ValueError(f"--label_fraction {self.label_fraction} must be in (0, 1].")
+            raise UserError(f"--label_fraction {self.label_fraction} must be in (0, 1].")
         if self.labels_per_class is not None and self.labels_per_class < 1:
-            raise ValueError(f"--labels_per_class {self.labels_per_class} must be at least 1.")
+            raise UserError(f"--labels_per_class {self.labels_per_class} must be at least 1.")
 
     @property
     def selects_subset(self) -> bool:
@@ -361,9 +383,7 @@ class LabelledSubsetArguments:
         if not self.selects_subset:
             return train, None
         if isinstance(train, IterableDataset):
-            raise ValueError(
-                "--label_fraction and --labels_per_class need the whole training split: drop --streaming."
-            )
+            raise UserError("--label_fraction and --labels_per_class need the whole training split: drop --streaming.")
         indices = labelled_indices(train, label_column, self.label_seed, self.label_fraction, self.labels_per_class)
         logger.info("Labelled subset: %d images (label seed %d).", len(indices), self.label_seed)
         return train.select(indices), indices
@@ -518,14 +538,14 @@ def with_image_transform(
     image_column: str,
     label_column: str | None = None,
     stream: RandomStream | None = None,
-    masks: tuple[int, int] | None = None,
+    mask_sizes: tuple[int, int] | None = None,
 ):
     """The dataset yielding `pixel_values` (and `labels`), transformed lazily, image by image, as it is read, on
-    `stream` where given. With `masks` (`num_patches`, `num_masked_patches`), every image also gets a mask
+    `stream` where given. With `mask_sizes` (`num_patches`, `num_masked_patches`), every image also gets a mask
     (`bool_masked_pos`) drawn from `stream`. An image that cannot be read yields `pixel_values=None` and its name
     in `unreadable`, for the collator to drop."""
     dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-    transform_batch = TransformBatch(transform, image_column, label_column, stream, masks)
+    transform_batch = TransformBatch(transform, image_column, label_column, stream, mask_sizes)
     if isinstance(dataset, IterableDataset):
         return dataset.map(transform_batch, batched=True, remove_columns=_column_names(dataset))
     return dataset.with_transform(transform_batch)
@@ -540,7 +560,7 @@ class TransformBatch:
     image_column: str
     label_column: str | None
     stream: RandomStream | None
-    masks: tuple[int, int] | None
+    mask_sizes: tuple[int, int] | None
 
     def __call__(self, batch: dict) -> dict:
         entries = batch[self.image_column]
@@ -554,8 +574,8 @@ class TransformBatch:
                     pixel_values.append(None)
                     unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
             result = {"pixel_values": pixel_values, "unreadable": unreadable}
-            if self.masks is not None:
-                result["bool_masked_pos"] = list(random_patch_mask(len(entries), *self.masks))
+            if self.mask_sizes is not None:
+                result["bool_masked_pos"] = list(random_patch_mask(len(entries), *self.mask_sizes))
         if self.stream is not None:
             result["stream_state"] = [self.stream.state] * len(entries)
         if self.label_column is not None:
@@ -604,4 +624,4 @@ def _first_readable_image(dataset, image_column: str, tries: int = 100) -> Image
             return read_image(entry[image_column])
         except UNREADABLE_IMAGE_ERRORS:
             continue
-    raise ValueError(f"None of the first {tries} images of the training split could be read.")
+    raise UserError(f"None of the first {tries} images of the training split could be read.")

@@ -16,12 +16,13 @@ from transformers import EvalPrediction, TrainerCallback
 
 from .data import (
     collate_images,
-    encode_label_splits,
     find_label_column,
     image_transform,
+    labelled_splits,
     limit_samples,
     with_image_transform,
 )
+from .errors import UserError
 from .metrics import compute_accuracy, top_classes
 
 
@@ -41,9 +42,9 @@ class KNNArguments:
 
     def __post_init__(self):
         if self.knn_k < 1:
-            raise ValueError(f"--knn_k {self.knn_k} must be at least 1.")
+            raise UserError(f"--knn_k {self.knn_k} must be at least 1.")
         if not self.knn_temperature > 0:
-            raise ValueError(f"--knn_temperature {self.knn_temperature} must be positive.")
+            raise UserError(f"--knn_temperature {self.knn_temperature} must be positive.")
 
 
 @dataclass
@@ -86,7 +87,7 @@ def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0
     if unreadable:
         logger.warning("Skipped %d unreadable images in feature extraction.", unreadable)
     if not features:
-        raise ValueError(f"None of the {unreadable} images could be read, so there are no features to evaluate.")
+        raise UserError(f"None of the {unreadable} images could be read, so there are no features to evaluate.")
     return LabelledFeatures(torch.cat(features), torch.cat(labels))
 
 
@@ -205,19 +206,18 @@ class KNNMonitorArguments(KNNArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.knn_monitor_samples is not None and self.knn_monitor_samples < 1:
-            raise ValueError(f"--knn_monitor_samples {self.knn_monitor_samples} must be at least 1.")
+            raise UserError(f"--knn_monitor_samples {self.knn_monitor_samples} must be at least 1.")
 
 
-def build_knn_monitor(trainer, splits: dict, data_args, image_column: str, image_processor, args: KNNMonitorArguments):
+def build_knn_monitor(trainer, splits: dict, data_args, image_processor, args: KNNMonitorArguments):
     """The `KNNMonitor` that `--knn_monitor_samples` asks for: a memory bank of that many training images (drawn with
     --split_seed), the validation split as test."""
-    label_column = find_label_column(splits["train"], data_args.label_column_name, required=False)
-    if label_column is None:
-        raise ValueError(
+    if find_label_column(splits["train"], data_args.label_column_name, required=False) is None:
+        raise UserError(
             f"--knn_monitor_samples {args.knn_monitor_samples} needs labels, but the dataset has no label column "
             "(name it with --label_column_name, or drop --knn_monitor_samples)."
         )
-    train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
+    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
     memory_bank = limit_samples(train, args.knn_monitor_samples, data_args.split_seed)
     return KNNMonitor(
         trainer,

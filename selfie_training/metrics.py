@@ -6,6 +6,8 @@ import evaluate
 import numpy as np
 import torch
 
+from modeling_selfie import candidate_hits
+
 
 class TopKAccuracy(evaluate.Metric):
     """Accuracy, and top-k accuracy, from the k highest-scored classes of every example (best first)."""
@@ -41,12 +43,10 @@ def compute_accuracy(eval_prediction) -> dict:
     return metric.compute(predictions=eval_prediction.predictions, references=eval_prediction.label_ids)
 
 
-def candidate_hits(outputs, masks) -> torch.Tensor:
-    """`preprocess_logits_for_metrics` for pretraining: each image's share of hidden positions whose own patch got
-    the highest score."""
-    logits = outputs[0] if isinstance(outputs, tuple) else outputs
-    targets = torch.arange(logits.shape[-1], device=logits.device)
-    return (logits.argmax(dim=-1) == targets).float().mean(dim=-1)
+def image_candidate_hits(outputs, labels) -> torch.Tensor:
+    """`preprocess_logits_for_metrics` for pretraining: each image's candidate accuracy (`candidate_hits`), so that
+    evaluation gathers one number an image instead of its logits."""
+    return candidate_hits(outputs[0] if isinstance(outputs, tuple) else outputs)
 
 
 def compute_candidate_accuracy(eval_prediction) -> dict:

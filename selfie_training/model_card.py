@@ -6,7 +6,7 @@ import re
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.modelcard import extract_hyperparameters_from_trainer, make_markdown_table, parse_log_history
 
-from modeling_selfie.configuration_selfie import TIMM_WEIGHTS
+from .timm_weights import TIMM_WEIGHTS
 
 
 CITATION = """@article{trinh2019selfie,
@@ -147,13 +147,17 @@ def describe_stages(stages: list[dict], backbone: str) -> str:
 
 
 def _describe_stage(stage: dict, backbone: str) -> str:
-    if stage["task"] == "timm_weights":
-        if stage["weights"] == TIMM_WEIGHTS:
+    task, dataset = stage["task"], stage.get("dataset", "unnamed data")
+    if task == "timm_weights":
+        if stage.get("weights") == TIMM_WEIGHTS:
             return f"timm's pretrained {backbone} weights"
-        return f"timm {backbone} weights from {stage['weights']}"
-    if stage["task"] == "pretraining":
-        return f"Selfie pretraining on {stage['dataset']}" + (" (norm layers only)" if stage["norm_only"] else "")
-    return f"fine-tuning on {stage['dataset']}"
+        return f"timm {backbone} weights from {stage.get('weights', 'an unnamed file')}"
+    if task == "pretraining":
+        return f"Selfie pretraining on {dataset}" + (" (norm layers only)" if stage.get("norm_only") else "")
+    if task == "classification":
+        return f"fine-tuning on {dataset}"
+    # A kind of stage written by a later version: described by its fields.
+    return f"{task} ({', '.join(f'{name}: {value}' for name, value in stage.items() if name != 'task')})"
 
 
 def _origin(config) -> str:

@@ -2,7 +2,6 @@
 SIGTERM, checks on the checkpoint to resume, and the candidate accuracy in pretraining logs."""
 
 import errno
-import json
 import logging
 import os
 import signal
@@ -10,13 +9,16 @@ from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer import OPTIMIZER_NAME, SCALER_NAME, TRAINER_STATE_NAME
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .checkpoints import load_selfie_config, saved_model_class
 from .data import RandomStream
+from .errors import TrainingStopped, UserError
 from .model_card import write_model_card
+from .trainer_hooks import TrainerHooks
 
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 UNREADABLE_IMAGES_FILE = "unreadable_images.txt"
 
 
-class SelfieTrainer(Trainer):
+class SelfieTrainer(TrainerHooks):
     """A `Trainer` for the Selfie scripts: its model card (written by the scripts, and by `push_to_hub`) is a
     Selfie model card; it stops on a non-finite loss; and it accounts for the images the collator could not read.
 
@@ -72,8 +74,7 @@ class SelfieTrainer(Trainer):
     def _check_same_model(self, checkpoint: str):
         """A checkpoint of another model class or architecture (another task's, another run's in the same
         --output_dir) is never this run's to resume: refused in one line, where Trainer would fail on its tensors."""
-        with open(os.path.join(checkpoint, CONFIG_NAME)) as file:
-            saved_class = (json.load(file).get("architectures") or ["model of no named class"])[0]
+        saved_class = saved_model_class(load_selfie_config(checkpoint, "--resume_from_checkpoint")).__name__
         with safe_open(os.path.join(checkpoint, SAFE_WEIGHTS_NAME), "pt") as file:
             saved = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
         built = {name: tuple(tensor.shape) for name, tensor in self.model.state_dict().items()}
@@ -84,7 +85,7 @@ class SelfieTrainer(Trainer):
             difference = f"its tensor {name!r} is {saved.get(name, 'absent')}, this run's {built.get(name, 'absent')}"
         else:
             return
-        raise ValueError(
+        raise UserError(
             f"{checkpoint} is another run's checkpoint ({difference}): give this run another --output_dir."
         )
 
@@ -110,39 +111,18 @@ class SelfieTrainer(Trainer):
         except (OSError, ValueError, TypeError):  # not saved yet, or cut short by a kill
             final_state = state
         self.state = final_state if final_state.global_step == state.global_step else state
-        self._load_from_checkpoint(checkpoint)
-        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
-            self._load_best_model()
+        self.load_finished_run(checkpoint)
         return TrainOutput(self.state.global_step, None, {})
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str):
-        try:
-            super()._load_optimizer_and_scheduler(checkpoint)
-        except ValueError as error:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
-            raise ValueError(
-                f"{os.path.join(checkpoint, OPTIMIZER_NAME)} does not fit this run's optimizer ({error}; changed "
-                "--train_norm_only or --pretrained_learning_rate?): give this run another --output_dir."
-            ) from error
-
-    def _load_scaler(self, checkpoint: str):
-        # The loss scale of an --fp16 run means nothing to a run without one (bf16, fp32): Trainer would fail on it.
-        if self.accelerator.scaler is None and os.path.isfile(os.path.join(checkpoint, SCALER_NAME)):
-            logger.warning(
-                "Ignoring %s: this run scales no losses (no --fp16).", os.path.join(checkpoint, SCALER_NAME)
-            )
-            return
-        super()._load_scaler(checkpoint)
-
-    def _save_rng_state(self, output_dir: str):
-        super()._save_rng_state(output_dir)
-        # Not the stream's current state: the DataLoader has already read batches ahead of the training step.
-        state = self._trained_stream_state if self._trained_stream_state is not None else self.data_stream.state
-        torch.save(state, self._data_rng_file(output_dir))
 
     def evaluate(self, *args, **kwargs):
         if self.eval_stream is not None:
             self.eval_stream.reset()  # the same masks at every evaluation, so that the figures compare
         return super().evaluate(*args, **kwargs)
+
+    def save_data_stream(self, checkpoint: str):
+        # Not the stream's current state: the DataLoader has already read batches ahead of the training step.
+        state = self._trained_stream_state if self._trained_stream_state is not None else self.data_stream.state
+        torch.save(state, self._data_rng_file(checkpoint))
 
     def _data_rng_file(self, checkpoint: str) -> str:
         # Every process reads its own share of the data, on its own stream.
@@ -150,19 +130,21 @@ class SelfieTrainer(Trainer):
         return os.path.join(checkpoint, name)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._take_batch_notes(inputs, training=False)
         if len(inputs["pixel_values"]) == 0:  # no image of the batch could be read: named and counted, no outputs
-            self._prepare_inputs(inputs)
             return None, None, None
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def _prepare_inputs(self, inputs):
+    def _take_batch_notes(self, inputs: dict, training: bool) -> dict:
+        """The batch without what `collate_images` notes beside the model's inputs: the data stream's state after
+        the batch (kept for the next checkpoint, for training batches) and the images it could not read."""
         inputs = dict(inputs)
         stream_state = inputs.pop("data_stream_state", None)
-        if stream_state is not None and self.model.training:
+        if stream_state is not None and training:
             self._trained_stream_state = stream_state
         unreadable = inputs.pop("unreadable_images", [])
         self._account_for_images(unreadable, read=len(inputs["pixel_values"]) + len(unreadable))
-        return super()._prepare_inputs(inputs)
+        return inputs
 
     def _account_for_images(self, unreadable: list[str], read: int):
         self.images_read += read
@@ -213,10 +195,10 @@ class SelfieTrainer(Trainer):
         write_model_card(self, **self.card)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._take_batch_notes(inputs, training=True)
         if len(inputs["pixel_values"]) == 0:
-            # No image of the batch could be read (`collate_images`): name and count them, and step on zero
+            # No image of the batch could be read (`collate_images`): they are named and counted; step on zero
             # gradients (not none, which fp16's gradient scaler refuses), so that training goes on.
-            self._prepare_inputs(inputs)
             loss = sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0
             self.accelerator.backward(loss)
             return loss.detach()
@@ -229,14 +211,6 @@ class SelfieTrainer(Trainer):
                 exit_status=3,
             )
         return loss
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped before its end, its last checkpoint intact; the scripts exit with `exit_status`."""
-
-    def __init__(self, message: str, exit_status: int):
-        super().__init__(message)
-        self.exit_status = exit_status
 
 
 @contextmanager

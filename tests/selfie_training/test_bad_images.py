@@ -10,13 +10,13 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import QUIET_FLAGS, TINY_MODEL_FLAGS, class_images
 from PIL import ExifTags, Image, ImageCms
 from transformers.image_utils import load_image
 
 import run_pretraining
 from selfie_training.data import UNREADABLE_IMAGE_ERRORS, read_image
-from selfie_training.trainer import TrainingStopped
+from selfie_training.errors import TrainingStopped
+from tests.utils import QUIET_FLAGS, TINY_MODEL_FLAGS, class_images
 
 
 def encoded(image: Image.Image, format: str) -> dict:

@@ -1,8 +1,9 @@
 import re
-from pathlib import Path
+
+from tests.utils import REPOSITORY
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPOSITORY / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_FLAGS, class_images, fine_tune, last_checkpoint, pretrain
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from safetensors import SafetensorError
 
 from selfie_training import runner
 from selfie_training.data import DataArguments, load_splits
-from selfie_training.trainer import TrainingStopped, _is_disk_full
+from selfie_training.errors import TrainingStopped
+from selfie_training.trainer import _is_disk_full
+from tests.utils import TINY_MODEL_FLAGS, class_images, fine_tune, last_checkpoint, pretrain
 
 
 def labelled_parquet(folder: Path, labels: list) -> Path:

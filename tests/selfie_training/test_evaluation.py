@@ -9,13 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, class_images, pretrain, tiny_config
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import run_evaluation
-from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction, SelfieModel, get_preset
+from modeling_selfie import (
+    SelfieForImageClassification,
+    SelfieForMaskedPatchPrediction,
+    SelfieModel,
+    preset_image_processor,
+)
 from selfie_training.evaluation import (
     KNNMonitor,
     LabelledFeatures,
@@ -24,6 +28,7 @@ from selfie_training.evaluation import (
     labelled_images,
     linear_probe_accuracy,
 )
+from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, class_images, pretrain, tiny_config
 
 
 def clusters(num_classes: int, per_class: int, spread: float = 0.1, seed: int = 0) -> LabelledFeatures:
@@ -114,7 +119,7 @@ def image_dataset(num_classes: int = 3, per_class: int = 4) -> Dataset:
 def test_features_are_pooled_stage3_maps_extracted_in_batches(model_class):
     model = model_class(tiny_config()).train()
     encoder = getattr(model, "selfie", model)
-    dataset = labelled_images(image_dataset(), get_preset("imagenet32").image_processor(), "image", "label")
+    dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
     batches = []
     encoder.patch_network.conv1.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
 
@@ -132,7 +137,7 @@ def test_features_are_pooled_stage3_maps_extracted_in_batches(model_class):
 
 def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
     model = SelfieForMaskedPatchPrediction(tiny_config()).train()
-    dataset = labelled_images(image_dataset(), get_preset("imagenet32").image_processor(), "image", "label")
+    dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
     logged = []
     monitor = KNNMonitor(SimpleNamespace(log=logged.append), dataset, dataset, num_classes=3, k=1)
     args = TrainingArguments(output_dir="unused", per_device_eval_batch_size=4, report_to="none")

@@ -1,13 +1,13 @@
 """The fine-tuning recipe: a learning rate of its own for the pretrained weights."""
 
 import pytest
-from conftest import TINY_MODEL_FLAGS, fine_tune, pretrain, tiny_config
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.data import RandomStream
 from selfie_training.trainer import SelfieTrainer
+from tests.utils import TINY_MODEL_FLAGS, fine_tune, pretrain, tiny_config
 
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics follow the data, frozen or not

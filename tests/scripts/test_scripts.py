@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS, fine_tune, pretrain
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
@@ -19,6 +18,7 @@ import run_pretraining
 import run_sweep
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.data import DataArguments, load_splits
+from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS, fine_tune, pretrain
 
 
 def read_json(path: Path) -> dict:
@@ -244,7 +244,7 @@ def test_separate_validation_folder_and_the_attention_pooling_head(tmp_path, ima
     assert metrics["eval_samples_per_second"] > 0
     assert read_json(tmp_path / "classifier" / "eval_results.json")["eval_accuracy"] == metrics["eval_accuracy"]
     model = SelfieForImageClassification.from_pretrained(tmp_path / "classifier")
-    assert model.config.classifier_head == "attention_pooling" and model.stage4 is None
+    assert model.config.classifier_head == "attention_pooling" and model.layer4 is None
     assert (
         "the attention pooling network and a linear classifier" in (tmp_path / "classifier" / "README.md").read_text()
     )

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file
 
 from modeling_selfie import SelfieForMaskedPatchPrediction
-from selfie_training.trainer import TrainingStopped
+from selfie_training.errors import TrainingStopped
+from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 
 
 @pytest.fixture(scope="module")

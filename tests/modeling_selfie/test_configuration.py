@@ -1,9 +1,9 @@
 import json
 
 import pytest
-from conftest import tiny_config
 
-from modeling_selfie import PRESETS, SelfieConfig, get_preset
+from modeling_selfie import PRESETS, SelfieConfig, preset_image_processor
+from tests.utils import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -46,17 +46,12 @@ def test_bad_field_raises_value_error_naming_it(field, value):
         tiny_config(**{field: value})
 
 
-def test_pretrained_backbone_needs_batchnorm():
-    with pytest.raises(ValueError, match=r"SelfieConfig\.backbone_pretrained=.*batchnorm"):
-        tiny_config(backbone_pretrained=True, backbone_norm="layernorm")
-
-
 def test_default_is_the_papers_imagenet_224_setting():
     config = SelfieConfig()
     assert (config.backbone, config.stem, config.image_size, config.patch_size) == ("resnet50", "imagenet", 224, 32)
     assert config.grid_size == (7, 7)
     assert config.num_masked_patches == 12  # a quarter of 49
-    assert config.attention_temperature == pytest.approx(512**0.5)  # sqrt(hidden_size)
+    assert config.score_temperature is None  # the loss divides by sqrt(hidden_size)
 
 
 def test_non_square_grid_and_default_mask_count():
@@ -74,17 +69,19 @@ def test_presets():
     assert (imagenet.grid_size, imagenet.stem, imagenet.num_masked_patches) == ((7, 7), "imagenet", 12)
     assert SelfieConfig.from_preset("imagenet32").grid_size == (4, 4)
     with pytest.raises(ValueError, match="Unknown Selfie preset 'cifar100'"):
-        get_preset("cifar100")
+        SelfieConfig.from_preset("cifar100")
+    with pytest.raises(ValueError, match="Unknown Selfie preset 'cifar100'"):
+        preset_image_processor("cifar100")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_image_processor_matches_its_config(name):
-    preset = get_preset(name)
-    processor = preset.image_processor()
-    config = preset.config()
+    processor = preset_image_processor(name)
+    config = SelfieConfig.from_preset(name)
     assert processor.crop_size == {"height": config.image_size, "width": config.image_size}
     assert processor.size["shortest_edge"] >= config.image_size
-    assert list(processor.image_mean) == list(preset.image_mean)
+    cifar = name == "cifar10"
+    assert processor.image_mean[0] == pytest.approx(0.4914 if cifar else 0.485)
 
 
 def test_json_round_trip(tmp_path):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain
 from safetensors.torch import load_file
 
-from selfie_training.runner import LOCK_FILE
+from selfie_training.checkpoints import LOCK_FILE
 from selfie_training.trainer import PretrainingTrainer
+from tests.utils import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain
 
 
 # 2 steps of the 8 in an epoch (64 images, 8 a batch): the run ends mid-epoch; checkpoint-1 and checkpoint-2.

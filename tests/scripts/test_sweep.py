@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPOSITORY, TINY_MODEL
 
 import run_sweep
+from tests.utils import REPOSITORY, TINY_MODEL
 
 
 BAD_SWEEPS = [

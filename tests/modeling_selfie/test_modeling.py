@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fixed_mask, images, tiny_config
 
 from modeling_selfie import (
     SelfieForImageClassification,
@@ -12,6 +11,7 @@ from modeling_selfie import (
     SelfieModel,
     random_patch_mask,
 )
+from tests.utils import fixed_mask, images, tiny_config
 
 
 GRIDS = {
@@ -253,7 +253,7 @@ def test_resnet_head_is_p_then_stage4_then_pooling():
     config = tiny_config()
     model = SelfieForImageClassification(config).eval()
     pixel_values = images(config)
-    features = model.stage4(model.selfie.patch_network.forward_features(pixel_values)).mean(dim=(2, 3))
+    features = model.layer4(model.selfie.patch_network.forward_features(pixel_values)).mean(dim=(2, 3))
     torch.testing.assert_close(model(pixel_values).logits, model.classifier(features))
     assert model.selfie.attention_pooling is None and model.selfie.position_embeddings is None
 
@@ -271,7 +271,7 @@ def test_factorized_positions_are_row_plus_column_and_resize_to_finer_grids():
 
 def test_fresh_resnet_is_initialised_as_timm_initialises_it():
     model = SelfieForImageClassification(tiny_config(stem="imagenet"))
-    blocks = [model.selfie.patch_network.layer1[0], model.selfie.patch_network.layer3[0], model.stage4[0]]
+    blocks = [model.selfie.patch_network.layer1[0], model.selfie.patch_network.layer3[0], model.layer4[0]]
     for block in blocks:
         assert torch.equal(block.bn3.weight, torch.zeros_like(block.bn3.weight))  # the branch starts as identity
         assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight))

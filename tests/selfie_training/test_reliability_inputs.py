@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET_FLAGS, fine_tune, pretrain, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import ViTImageProcessor
 
@@ -19,11 +18,11 @@ from modeling_selfie import (
     SelfieForImageClassification,
     SelfieForMaskedPatchPrediction,
     SelfieModel,
-    load_timm_weights,
-    save_timm_weights,
-    timm_state_dict,
 )
-from selfie_training.runner import ModelArguments, load_checkpoint, load_image_processor
+from selfie_training.checkpoints import load_checkpoint
+from selfie_training.runner import ModelArguments, load_image_processor
+from selfie_training.timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
+from tests.utils import QUIET_FLAGS, fine_tune, pretrain, tiny_config
 
 
 @pytest.fixture(scope="module")

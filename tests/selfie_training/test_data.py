@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from modeling_selfie import get_preset
+from modeling_selfie import preset_image_processor
 from selfie_training.data import (
     DataArguments,
     KeepOneChannel,
@@ -27,7 +27,7 @@ from selfie_training.data import (
     load_splits,
     with_image_transform,
 )
-from selfie_training.metrics import TopKAccuracy, candidate_hits, top_classes
+from selfie_training.metrics import TopKAccuracy, image_candidate_hits, top_classes
 
 
 def labelled_dataset(counts: dict[int, int]) -> Dataset:
@@ -115,7 +115,7 @@ def test_labels_outside_the_classes_are_refused():
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "CMYK", "I;16"])
 @pytest.mark.parametrize("train", [True, False])
 def test_images_of_any_mode_and_size_become_normalised_rgb_tensors(mode, train):
-    processor = get_preset("cifar10").image_processor()
+    processor = preset_image_processor("cifar10")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).convert(mode)
     dataset = Dataset.from_dict({"image": [image]}).cast_column("image", ImageFeature())
     dataset = with_image_transform(dataset, image_transform(processor, train), "image")
@@ -125,7 +125,7 @@ def test_images_of_any_mode_and_size_become_normalised_rgb_tensors(mode, train):
 
 
 def test_evaluation_transform_matches_the_image_processor():
-    processor = get_preset("imagenet224").image_processor()
+    processor = preset_image_processor("imagenet224")
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     ours = image_transform(processor, train=False)(image)
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
@@ -134,7 +134,7 @@ def test_evaluation_transform_matches_the_image_processor():
 
 
 def test_training_transform_for_224_is_random_resized_crop():
-    processor = get_preset("imagenet224").image_processor()
+    processor = preset_image_processor("imagenet224")
     transform = image_transform(processor, train=True, channel_drop_prob=0.5)
     names = [type(step).__name__ for step in transform.transforms]
     assert names[:3] == ["ToImage", "RandomResizedCrop", "RandomHorizontalFlip"] and names[-1] == "KeepOneChannel"
@@ -154,8 +154,8 @@ def test_keep_one_channel_keeps_one_channel():
 def masked_images(seed: int, batches: int = 2) -> list[torch.Tensor]:
     """The masks of `batches` batches of 8 images, transformed on a stream seeded with `seed`."""
     images = Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 8}).cast_column("image", ImageFeature())
-    transform = image_transform(get_preset("cifar10").image_processor(), train=True)
-    dataset = with_image_transform(images, transform, "image", stream=RandomStream(seed), masks=(16, 4))
+    transform = image_transform(preset_image_processor("cifar10"), train=True)
+    dataset = with_image_transform(images, transform, "image", stream=RandomStream(seed), mask_sizes=(16, 4))
     return [collate_images([dataset[i] for i in range(8)])["bool_masked_pos"] for _ in range(batches)]
 
 
@@ -225,7 +225,7 @@ def test_top_k_accuracy_metric():
 
 def test_candidate_hits_counts_own_patch_wins():
     logits = torch.tensor([[[2.0, 1.0], [0.0, 3.0]], [[0.0, 1.0], [0.0, 3.0]]])  # image 0: 2 of 2, image 1: 1 of 2
-    assert candidate_hits((logits, None), None).tolist() == [1.0, 0.5]
+    assert image_candidate_hits((logits, None), None).tolist() == [1.0, 0.5]
 
 
 def test_accuracy_metric_works_offline(tmp_path):
@@ -250,7 +250,7 @@ def test_accuracy_metric_works_offline(tmp_path):
 def test_pretraining_crops_of_small_images_add_no_border():
     """A horizontal ramp stays monotonic along every row under a borderless crop (resized, maybe flipped); a padded
     crop would add a border (reflected or blank) that tells edge patches where they lie."""
-    processor = get_preset("cifar10").image_processor()
+    processor = preset_image_processor("cifar10")
     ramp = Image.fromarray(
         np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, axis=0).repeat(3, axis=2).astype(np.uint8)
     )

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS
 from torch.utils.flop_counter import FlopCounterMode
+
+from tests.utils import REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS
 
 
 sys.path.insert(0, str(REPOSITORY / "benchmarks"))

@@ -19,7 +19,7 @@ def test_real_resnet50_configuration():
 
     classifier = SelfieForImageClassification(config)
     resnet_parameters = sum(p.numel() for p in classifier.selfie.patch_network.parameters())
-    resnet_parameters += sum(p.numel() for p in classifier.stage4.parameters())
+    resnet_parameters += sum(p.numel() for p in classifier.layer4.parameters())
     assert resnet_parameters == pytest.approx(23.5e6, rel=0.01)  # ResNet-50 without its classifier
-    assert sum(p.numel() for p in classifier.stage4.parameters()) == pytest.approx(14.96e6, rel=0.01)
+    assert sum(p.numel() for p in classifier.layer4.parameters()) == pytest.approx(14.96e6, rel=0.01)
     assert classifier.classifier.in_features == 2048

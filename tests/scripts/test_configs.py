@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPOSITORY, TINY_MODEL
 
 import run_sweep
+from tests.utils import REPOSITORY, TINY_MODEL
 
 
 CONFIGS = sorted((REPOSITORY / "configs").glob("*.json"))

@@ -4,10 +4,10 @@ weights giving the same results."""
 
 import pytest
 import torch
-from conftest import fixed_mask, images, tiny_config
 
 from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction
 from modeling_selfie.modeling_selfie import patchify
+from tests.utils import fixed_mask, images, tiny_config
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import fixed_mask, images, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -25,8 +24,10 @@ from modeling_selfie import (
     SelfieForImageClassification,
     SelfieForMaskedPatchPrediction,
     SelfieModel,
-    get_preset,
+    preset_image_processor,
 )
+from selfie_training.timm_weights import load_timm_weights
+from tests.utils import fixed_mask, images, tiny_config
 
 
 def outputs(model, config):
@@ -84,15 +85,15 @@ def test_pretraining_checkpoint_carries_p_into_the_resnet_classifier(tmp_path):
         state_dict_under(pretrained, "selfie.patch_network."), state_dict_under(classifier, "selfie.patch_network.")
     )
     # Fresh weights are reported the transformers way: stage 4 and the classifier missing, A unused.
-    assert {key.split(".")[0] for key in info["missing_keys"]} == {"stage4", "classifier"}
+    assert {key.split(".")[0] for key in info["missing_keys"]} == {"layer4", "classifier"}
     assert {key.split(".")[1] for key in info["unexpected_keys"]} == {
         "attention_pooling",
         "position_embeddings",
         "patch_projection",
     }
     # Stage 4 starts as timm starts a ResNet stage: the last norm of every residual branch at zero.
-    assert classifier.stage4[0].bn3.weight.abs().sum() == 0
-    assert classifier.stage4[0].conv1.weight.std() > 0
+    assert classifier.layer4[0].bn3.weight.abs().sum() == 0
+    assert classifier.layer4[0].conv1.weight.std() > 0
 
 
 def test_pretraining_checkpoint_carries_p_and_a_into_the_attention_pooling_classifier(tmp_path):
@@ -195,7 +196,7 @@ def test_image_classification_pipeline(tmp_path, mode):
     config = tiny_config(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     model = SelfieForImageClassification(config).eval()
     model.save_pretrained(tmp_path)
-    processor = get_preset("cifar10").image_processor()
+    processor = preset_image_processor("cifar10")
     processor.save_pretrained(tmp_path)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)).convert(mode)
@@ -210,12 +211,11 @@ def test_image_classification_pipeline(tmp_path, mode):
     assert [p["score"] for p in predictions] == pytest.approx([score for score, _ in expected], abs=1e-5)
 
 
-def test_backbone_pretrained_starts_p_from_timm_weights_and_keeps_them(monkeypatch):
+def test_timm_weights_start_p_and_stage4_and_keep_them(monkeypatch):
     # Stands in for timm's download: "pretrained" weights are all 0.5.
-    requested, original = [], timm.create_model
+    original = timm.create_model
 
     def create_model(name, pretrained=False, **kwargs):
-        requested.append(pretrained)
         model = original(name, **kwargs)
         if pretrained:
             for tensor in model.state_dict().values():
@@ -225,28 +225,30 @@ def test_backbone_pretrained_starts_p_from_timm_weights_and_keeps_them(monkeypat
 
     monkeypatch.setattr(timm, "create_model", create_model)
 
-    model = SelfieForImageClassification(tiny_config(backbone_pretrained=True, stem="imagenet"))
-    assert requested == [True, True]  # P, and the ResNet that gives stage 4
+    model = SelfieForImageClassification(tiny_config(stem="imagenet"))
+    load_timm_weights(model, "timm")
     assert (model.selfie.patch_network.layer1[0].conv1.weight == 0.5).all()
-    assert (model.stage4[0].bn3.weight == 0.5).all()  # not zeroed by the fresh-stage initialisation
+    assert (model.layer4[0].bn3.weight == 0.5).all()  # not zeroed by the fresh-stage initialisation
     assert not (model.classifier.weight == 0.5).all()
 
-    cifar = SelfieModel(tiny_config(backbone_pretrained=True, stem="cifar"))
+    cifar = SelfieModel(tiny_config(stem="cifar"))
+    load_timm_weights(cifar, "timm")
     assert (cifar.patch_network.layer3[0].conv2.weight == 0.5).all()
     assert not (cifar.patch_network.conv1.weight == 0.5).all()  # the replaced stem starts fresh
 
+    with pytest.raises(ValueError, match=r"^timm's weights need backbone_norm='batchnorm', not 'layernorm'\.$"):
+        load_timm_weights(SelfieModel(tiny_config(backbone_norm="layernorm")), "timm")
 
-def test_from_pretrained_never_downloads_timm_weights(tmp_path, monkeypatch):
-    SelfieModel(tiny_config()).save_pretrained(tmp_path)
-    path = tmp_path / "config.json"
-    path.write_text(path.read_text().replace('"backbone_pretrained": false', '"backbone_pretrained": true'))
+
+def test_building_or_loading_a_model_never_downloads(tmp_path, monkeypatch):
     original = timm.create_model
 
     def create_model(name, pretrained=False, **kwargs):
-        assert not pretrained, "from_pretrained asked timm for its weights"
+        assert not pretrained, "the model asked timm for its weights"
         return original(name, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", create_model)
-    model = SelfieModel.from_pretrained(tmp_path)
-    assert model.config.backbone_pretrained
-    assert_same_tensors(load_file(tmp_path / "model.safetensors"), model.state_dict())
+    for model_class in (SelfieModel, SelfieForMaskedPatchPrediction, SelfieForImageClassification):
+        model_class(tiny_config()).save_pretrained(tmp_path / model_class.__name__)
+        model = model_class.from_pretrained(tmp_path / model_class.__name__)
+        assert_same_tensors(load_file(tmp_path / model_class.__name__ / "model.safetensors"), model.state_dict())

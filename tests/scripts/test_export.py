@@ -7,18 +7,13 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import REPOSITORY, TINY_BACKBONE, images, tiny_config
 from safetensors.torch import load_file
 from torch import nn
 
 import export_timm
-from modeling_selfie import (
-    SelfieForImageClassification,
-    SelfieForMaskedPatchPrediction,
-    load_timm_weights,
-    save_timm_weights,
-    timm_state_dict,
-)
+from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction
+from selfie_training.timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
+from tests.utils import REPOSITORY, TINY_BACKBONE, images, tiny_config
 
 
 BACKBONE, KWARGS = TINY_BACKBONE["backbone"], TINY_BACKBONE["backbone_kwargs"]  # a tiny resnet50
@@ -107,7 +102,7 @@ def test_classifier_export_loads_as_a_timm_classifier(tmp_path):
     other = timm.create_model(
         BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=3), num_classes=5, **KWARGS
     )
-    assert other.fc.out_features == 5 and torch.equal(other.layer4[0].conv1.weight, model.stage4[0].conv1.weight)
+    assert other.fc.out_features == 5 and torch.equal(other.layer4[0].conv1.weight, model.layer4[0].conv1.weight)
     # ... and it does so too when the overlay does not say how many classes the file has (timm's default is 1000).
     unsaid = timm.create_model(
         BACKBONE, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=3, **KWARGS
@@ -138,7 +133,7 @@ def test_export_and_import_share_the_names(tmp_path):
     save_timm_weights(model, str(tmp_path / "resnet.safetensors"))
     fresh = SelfieForImageClassification(tiny_config(stem="imagenet"))
     load_timm_weights(fresh, str(tmp_path / "resnet.safetensors"))
-    for part in ("selfie.patch_network.", "stage4."):
+    for part in ("selfie.patch_network.", "layer4."):
         names = [name for name in model.state_dict() if name.startswith(part)]
         assert names
         for name in names:

@@ -1,0 +1,216 @@
+"""Checkpoints of the Selfie scripts: which to resume (and the --output_dir lock that makes it this run's own),
+and reading a checkpoint's config and weights with one-line errors for what does not fit."""
+
+import fcntl
+import glob
+import json
+import logging
+import os
+import pickle
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedConfig, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+from modeling_selfie import AUTO_CLASSES, SelfieConfig, SelfieModel
+
+from .errors import UserError, first_line
+
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "_selfie.lock"  # push_to_hub leaves out names that start with "_"
+_held_locks = {}  # the real path of each --output_dir that this process holds -> its open lock file
+
+
+def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """Lock --output_dir for this run (`lock_output_dir`), then find the checkpoint to resume from:
+    --resume_from_checkpoint, or the newest complete checkpoint in --output_dir, so that a rerun of an interrupted
+    command resumes. A checkpoint is complete once its files read back (`_checkpoint_problem`); one that does not,
+    saved in part by a killed run or damaged since, is skipped for the one before it."""
+    lock_output_dir(training_args)
+    if training_args.resume_from_checkpoint is not None:
+        checkpoint = training_args.resume_from_checkpoint
+        problem = _checkpoint_problem(checkpoint) if training_args.do_train else None
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: {problem}.")
+        return checkpoint
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    for _, name in sorted(_checkpoints(training_args.output_dir), reverse=True):
+        checkpoint = os.path.join(training_args.output_dir, name)
+        problem = _checkpoint_problem(checkpoint)
+        if problem:
+            logger.warning("Skipping %s: %s, as when a run is killed while saving it.", checkpoint, problem)
+            continue
+        # A warning, to be seen at the default log level: the run goes on from this checkpoint's weights.
+        logger.warning("Resuming from %s; give another --output_dir to train from scratch.", checkpoint)
+        return checkpoint
+    return None
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    return [
+        (int(name.removeprefix(prefix)), name)
+        for name in os.listdir(output_dir)
+        if name.startswith(prefix) and name.removeprefix(prefix).isdigit()
+    ]
+
+
+def _checkpoint_problem(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed: the first of its files that does not read back as resuming reads it
+    (trainer_state.json first: Trainer writes it last), or None. A torch file that would need more than
+    `weights_only=True` to load, a pickle that could run code, is refused in one line rather than skipped."""
+    torch_files = sorted(glob.glob("*.pt", root_dir=checkpoint) + glob.glob("*.pth", root_dir=checkpoint))
+    for name in (TRAINER_STATE_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, *torch_files):
+        path = os.path.join(checkpoint, name)
+        try:
+            _read_checkpoint_file(path)
+        except pickle.UnpicklingError as error:
+            raise UserError(f"{path}: not a plain tensor file (refused: unpickling it could run code).") from error
+        except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+            return f"its {name} cannot be read ({first_line(error)})"
+    return None
+
+
+def _read_checkpoint_file(path: str):
+    """Read enough of `path` to know that resuming can read it, raising what the reading raises."""
+    if path.endswith(".json"):
+        with open(path) as file:
+            values = json.load(file)
+        if not isinstance(values, dict):
+            raise UserError(f"a JSON {type(values).__name__}, not an object")
+    elif path.endswith(".safetensors"):
+        with safe_open(path, "pt"):  # reads the header, and checks that the file holds every tensor it lists
+            pass
+    else:
+        with safe_globals():  # the numpy types in Trainer's rng_state.pth
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+
+
+def lock_output_dir(training_args: TrainingArguments):
+    """Hold --output_dir for this run until `unlock_output_dir`: a second run into it would resume from this run's
+    checkpoints and save its own under the same names. The lock is an flock on `_selfie.lock` in the folder, taken
+    by the main process alone (the one that saves), so that the kernel releases it however the process ends: a
+    killed run never leaves the folder locked. A second run is refused in one line naming the PID that holds it."""
+    output_dir = os.path.realpath(training_args.output_dir)
+    if training_args.process_index != 0:
+        return  # the other processes of a multi-process run save nothing of their own
+    if output_dir in _held_locks:
+        return  # held already by this process: an earlier run in it (a test, a benchmark) stopped before unlocking
+    file = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise UserError(
+            f"--output_dir {training_args.output_dir} is in use by another run (PID {holder}): wait for it to end, "
+            "or give this run another --output_dir."
+        ) from None
+    file.truncate(0)
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    _held_locks[output_dir] = file
+
+
+def unlock_output_dir(training_args: TrainingArguments):
+    file = _held_locks.pop(os.path.realpath(training_args.output_dir), None)
+    if file is not None:
+        file.close()  # which releases the lock
+
+
+def load_selfie_config(source: str, flag: str) -> SelfieConfig:
+    """The Selfie config of a checkpoint or config file, or a one-line error naming `flag` and `source`."""
+    try:
+        values, _ = PreTrainedConfig.get_config_dict(source)
+    except OSError as error:
+        raise UserError(f"{flag} {source}: no readable config.json ({first_line(error)})") from error
+    if not isinstance(values, dict):
+        raise UserError(
+            f"{flag} {source}: its config.json holds a JSON {type(values).__name__}, not an object of fields."
+        )
+    if values.get("model_type") != SelfieConfig.model_type:
+        raise UserError(f"{flag} {source} holds a {values.get('model_type')!r} model, not a Selfie one.")
+    try:
+        return SelfieConfig.from_dict(values)
+    except (TypeError, ValueError, AttributeError) as error:  # Selfie's fields raise ValueError, transformers' any
+        raise UserError(
+            f"{flag} {source}: its config.json is not a valid Selfie config: {first_line(error)}"
+        ) from error
+
+
+def load_checkpoint(
+    model_class, path: str, flag: str = "--model_name_or_path", ignore_mismatched_sizes: bool = False, **kwargs
+):
+    """`model_class.from_pretrained(path, **kwargs)`, read from safetensors alone (never from pickle files, which can
+    run code), or a one-line error naming `flag` and `path`: for weights that cannot be read, a patch network that
+    does not load whole, other tensors of other shapes (unless `ignore_mismatched_sizes`: they start afresh), and
+    NaN or infinite weights."""
+    source = f"{flag} {path}"
+    try:
+        # Shapes that differ are loaded afresh here and judged in `_check_loading`, which names the tensor.
+        model, info = model_class.from_pretrained(
+            path, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"{source}: no readable model.safetensors ({first_line(error)})") from error
+    _check_loading(model, info, source, ignore_mismatched_sizes)
+    _check_finite(model, source)
+    return model
+
+
+def _check_loading(model, info: dict, source: str, ignore_mismatched_sizes: bool):
+    """The patch network, which every Selfie checkpoint holds, must load whole and with its shapes: a file whose
+    tensor names or shapes are another model's would otherwise leave it silently random. Other tensors may be
+    missing or unused (a classifier started from pretraining has no stage 4 or classifier in its checkpoint, and
+    leaves A unused); of another shape, they start afresh only with --ignore_mismatched_sizes."""
+    patch_network = _patch_network_keys(model)
+    shapes = {key: (tuple(saved), tuple(built)) for key, saved, built in info["mismatched_keys"]}
+    refused = [
+        key for key in model.state_dict() if key in shapes and (key in patch_network or not ignore_mismatched_sizes)
+    ]
+    if refused:
+        key, (saved, built) = refused[0], shapes[refused[0]]
+        advice = (
+            "the patch network must keep the checkpoint's shapes"
+            if key in patch_network
+            else "add --ignore_mismatched_sizes to start such tensors afresh"
+        )
+        raise UserError(
+            f"{source}: tensor {key!r} has shape {saved} in the checkpoint but {built} in the model ({len(refused)} "
+            f"differing tensors; changed by --backbone, --backbone_kwargs, --config_overrides or --classifier_head?): "
+            f"{advice}."
+        )
+    missing = [key for key in model.state_dict() if key in patch_network and key in info["missing_keys"]]
+    if missing:
+        raise UserError(
+            f"{source}: its model.safetensors holds {len(patch_network) - len(missing)} of the {len(patch_network)} "
+            f"tensors of the patch network ({missing[0]!r} is missing): are its tensor names another model's?"
+        )
+
+
+def _patch_network_keys(model) -> set[str]:
+    prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+    return {f"{prefix}patch_network.{name}" for name in model.base_model.patch_network.state_dict()}
+
+
+def _check_finite(model, source: str):
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"{source}: tensor {name!r} holds NaN or infinite values (the weights of a diverged run?)."
+            )
+
+
+def saved_model_class(config: SelfieConfig) -> type:
+    """The Selfie class that a checkpoint was saved from (the first of its config's `architectures`), so that all of
+    its weights load, none missing and none unused; `SelfieModel` for a config that names none."""
+    classes = {model_class.__name__: model_class for model_class, _ in AUTO_CLASSES}
+    return next((classes[name] for name in config.architectures or [] if name in classes), SelfieModel)

@@ -1,0 +1,134 @@
+"""Fine-tuning a Selfie classifier with the transformers `Trainer`: the body of `run_image_classification.py`."""
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments, set_seed
+
+from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
+
+from .checkpoints import find_last_checkpoint, load_selfie_config, saved_model_class
+from .data import (
+    DataArguments,
+    LabelledSubsetArguments,
+    RandomStream,
+    choose_preset,
+    collate_images,
+    image_transform,
+    labelled_splits,
+    load_splits,
+    with_image_transform,
+)
+from .errors import UserError
+from .metrics import compute_accuracy, top_classes
+from .runner import (
+    ModelArguments,
+    build_config,
+    build_model,
+    load_image_processor,
+    parse_arguments,
+    save_labelled_subset,
+    setup,
+    train_and_evaluate,
+)
+from .trainer import SelfieTrainer
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FineTuningArguments(LabelledSubsetArguments):
+    classifier_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "resnet: stage 4 + pooling + linear; attention_pooling: the paper's ResNet-36 + attention "
+            "pooling. Default: the checkpoint's, else resnet.",
+            "choices": list(CLASSIFIER_HEADS),
+        },
+    )
+    pretrained_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "The learning rate of the pretrained weights (the patch network, and A for the attention_pooling "
+            "head); the fresh head (stage 4 and classifier) trains at --learning_rate. Lower keeps more of what "
+            "pretraining learnt. Needs --model_name_or_path or --backbone_weights. Default: --learning_rate."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pretrained_learning_rate is not None and not self.pretrained_learning_rate >= 0:
+            raise UserError(f"--pretrained_learning_rate {self.pretrained_learning_rate} must be at least 0.")
+
+
+# The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
+ARGUMENTS = (ModelArguments, FineTuningArguments, DataArguments, TrainingArguments)
+
+
+def main(args: list[str] | None = None) -> dict:
+    model_args, finetuning_args, data_args, training_args = parse_arguments(ARGUMENTS, args)
+    setup(training_args)
+    pretrained = model_args.model_name_or_path is not None or model_args.backbone_weights is not None
+    if finetuning_args.pretrained_learning_rate is not None and not pretrained:
+        raise UserError(
+            "--pretrained_learning_rate needs pretrained weights (--model_name_or_path or --backbone_weights); "
+            "without them every weight is fresh and trains at --learning_rate."
+        )
+    checkpoint = find_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    splits = load_splits(data_args)
+    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
+    train, indices = finetuning_args.select(train, label_column)
+    if indices is not None and training_args.should_save:
+        save_labelled_subset(training_args.output_dir, finetuning_args.label_seed, indices)
+
+    preset = choose_preset(data_args, splits["train"], image_column)
+    labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+    if finetuning_args.classifier_head is not None:
+        labels["classifier_head"] = finetuning_args.classifier_head
+    if model_args.model_name_or_path is not None and not model_args.ignore_mismatched_sizes:
+        check_classes_fit(model_args.model_name_or_path, len(names))
+    stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
+    config = build_config(model_args, preset, stage, **labels)
+    image_processor = load_image_processor(model_args, preset, config)
+    model = build_model(SelfieForImageClassification, model_args, config)
+
+    train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    stream = RandomStream(training_args.seed)
+    trainer = SelfieTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=with_image_transform(train, train_transform, image_column, label_column, stream=stream),
+        eval_dataset=with_image_transform(
+            validation, image_transform(image_processor, train=False), image_column, label_column
+        ),
+        data_collator=collate_images,
+        data_stream=stream,
+        compute_metrics=compute_accuracy,
+        preprocess_logits_for_metrics=top_classes,
+        max_unreadable_fraction=data_args.max_unreadable_fraction,
+        pretrained_learning_rate=finetuning_args.pretrained_learning_rate,
+        card={
+            "task": "classification",
+            "dataset": data_args.source,
+            "dataset_description": f"{finetuning_args.describe()} of the training images of {data_args.source} "
+            f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
+        },
+    )
+    return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+
+
+def check_classes_fit(checkpoint: str, num_classes: int):
+    """A classifier checkpoint must have as many classes as the dataset, unless its head is to start afresh."""
+    config = load_selfie_config(checkpoint, "--model_name_or_path")
+    if saved_model_class(config) is SelfieForImageClassification and config.num_labels != num_classes:
+        raise UserError(
+            f"--model_name_or_path {checkpoint} classifies {config.num_labels} classes but the dataset has "
+            f"{num_classes}: add --ignore_mismatched_sizes to start the classifier afresh."
+        )
+
+
+def _size(dataset) -> str:
+    return f"{len(dataset)} images" if hasattr(dataset, "__len__") else "streamed"

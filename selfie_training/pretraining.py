@@ -1,0 +1,128 @@
+"""Selfie pretraining with the transformers `Trainer`: the body of `run_pretraining.py`."""
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments, set_seed
+
+from modeling_selfie import SelfieForMaskedPatchPrediction
+from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES
+
+from .checkpoints import find_last_checkpoint
+from .data import (
+    DataArguments,
+    RandomStream,
+    choose_preset,
+    collate_images,
+    find_image_column,
+    image_transform,
+    load_splits,
+    with_image_transform,
+)
+from .evaluation import KNNMonitorArguments, build_knn_monitor
+from .metrics import compute_candidate_accuracy, image_candidate_hits
+from .runner import (
+    ModelArguments,
+    build_config,
+    build_model,
+    load_image_processor,
+    parse_arguments,
+    setup,
+    train_and_evaluate,
+)
+from .trainer import PretrainingTrainer
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainingArguments:
+    train_norm_only: bool = field(
+        default=False,
+        metadata={
+            "help": "HPT's cheap stage: train only the patch network's norm layers (their scales and shifts, and "
+            "BatchNorm's running statistics) on this data; every other weight stays frozen. Meant to adapt a "
+            "--model_name_or_path checkpoint to new data."
+        },
+    )
+
+
+# The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
+ARGUMENTS = (ModelArguments, PretrainingArguments, DataArguments, KNNMonitorArguments, TrainingArguments)
+
+
+def main(args: list[str] | None = None) -> dict:
+    return train_and_evaluate(*build_trainer(args))
+
+
+def build_trainer(args: list[str] | None = None) -> tuple:
+    """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
+    resume from (the benchmarks time this trainer's steps)."""
+    model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(ARGUMENTS, args)
+    setup(training_args)
+    # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
+    # the metrics, and compute the evaluation loss, as it does for labels.
+    training_args.label_names = ["bool_masked_pos"]
+    checkpoint = find_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    splits = load_splits(data_args)
+    image_column = find_image_column(splits["train"], data_args.image_column_name)
+    preset = choose_preset(data_args, splits["train"], image_column)
+    stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
+    config = build_config(model_args, preset, stage if training_args.do_train else None)
+    image_processor = load_image_processor(model_args, preset, config)
+    model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
+    if pretraining_args.train_norm_only:
+        if model_args.model_name_or_path is None:
+            logger.warning("--train_norm_only without --model_name_or_path: A and the embeddings stay as initialised.")
+        train_norm_layers_only(model)
+
+    train_transform = image_transform(
+        image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob, borderless=True
+    )
+    eval_transform = image_transform(image_processor, train=False)
+    mask_sizes = (config.num_patches, config.num_masked_patches)
+    train_stream, eval_stream = RandomStream(training_args.seed), RandomStream(training_args.seed)
+    trainer = PretrainingTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=with_image_transform(
+            splits["train"], train_transform, image_column, stream=train_stream, mask_sizes=mask_sizes
+        ),
+        eval_dataset=with_image_transform(
+            splits["validation"], eval_transform, image_column, stream=eval_stream, mask_sizes=mask_sizes
+        ),
+        data_collator=collate_images,
+        data_stream=train_stream,
+        eval_stream=eval_stream,
+        compute_metrics=compute_candidate_accuracy,
+        preprocess_logits_for_metrics=image_candidate_hits,
+        max_unreadable_fraction=data_args.max_unreadable_fraction,
+        card={
+            "task": "pretraining",
+            "dataset": data_args.source,
+            "dataset_description": (
+                f"Images of {data_args.source}, labels unused; "
+                f"{config.num_masked_patches} of {config.num_patches} patches hidden in every image."
+            ),
+        },
+    )
+    if monitor_args.knn_monitor_samples is not None:
+        trainer.add_callback(build_knn_monitor(trainer, splits, data_args, image_processor, monitor_args))
+    return trainer, training_args, image_processor, checkpoint
+
+
+def train_norm_layers_only(model: SelfieForMaskedPatchPrediction):
+    """Freeze every parameter but those of the patch network's norm layers. Only P's norms: they carry the statistics
+    of the data that HPT's cheap stage adapts, and P is what classifiers take over; A's LayerNorms normalise each
+    token on its own (no data statistics) and belong to the pretraining head, which could otherwise absorb the
+    change. Frozen parameters get no gradient, so the Trainer's optimizer skips them and DDP leaves them out."""
+    model.requires_grad_(False)
+    for module in model.selfie.patch_network.modules():
+        if isinstance(module, NORM_LAYER_TYPES):
+            module.requires_grad_(True)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("--train_norm_only: training %s of %s parameters (P's norm layers).", f"{trainable:,}", f"{total:,}")
