@@ -1,6 +1,8 @@
 """PyTorch Selfie: self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019)."""
 
 import math
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -8,12 +10,13 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
+from timm.layers import BlurPool2d, LayerNorm2d
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -113,6 +116,45 @@ def split_resnet(config: SelfieConfig) -> ResNetSplit:
     return ResNetSplit(resnet, layer4, layer4_channels)
 
 
+@contextmanager
+def _running_statistics_kept(module: nn.Module):
+    """The BatchNorm layers of `module` normalise as they would (with the batch's statistics in training mode) but
+    leave their running statistics and batch count as they are."""
+    norms = [
+        norm
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
+    ]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    try:
+        for norm in norms:
+            norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)
+
+
+def _updating_statistics_once(block: nn.Module):
+    """`block` as a function for activation checkpointing, which runs it twice: in the forward, and again in the
+    backward to recompute its activations. The second run must not update its BatchNorm running statistics again,
+    else every checkpointed step would move them twice as far as a step without checkpointing."""
+    calls = 0
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        if torch.compiler.is_compiling():  # the compiled backward recomputes from the graph, not by calling this
+            return block(hidden)
+        calls += 1
+        if calls == 1:
+            return block(hidden)
+        with _running_statistics_kept(block):
+            return block(hidden)
+
+    return run
+
+
 def patchify(pixel_values: torch.Tensor, patch_size: int, channels_last: bool = False) -> torch.Tensor:
     """Cut `(batch, channels, height, width)` images into `(batch * num_patches, channels, p, p)` patches, each
     image's patches in row-major grid order, laid out in memory as `channels_last` says."""
@@ -152,7 +194,8 @@ def split_positions(bool_masked_pos: torch.BoolTensor, num_masked_patches: int) 
 
 def _gather_patches(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """`vectors[b, positions[b, k]]` for `(batch, num_patches, dim)` vectors and `(batch, k)` positions."""
-    return torch.take_along_dim(vectors, positions.unsqueeze(-1), dim=1)
+    # `gather` rather than `take_along_dim`, whose broadcasting pins the batch size in `torch.export`.
+    return torch.gather(vectors, 1, positions.unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))
 
 
 class SelfiePositionEmbeddings(nn.Module):
@@ -188,6 +231,11 @@ def _resize_table(table: torch.Tensor, length: int) -> torch.Tensor:
     return F.interpolate(table.T[None], length, mode="linear").squeeze(0).T
 
 
+class SelfieAttentionLayer(GradientCheckpointingLayer, Block):
+    """One Transformer layer of A: timm's pre-norm ViT block, checkpointed under `gradient_checkpointing_enable()`
+    as transformers checkpoints its layers."""
+
+
 class SelfieAttentionPooling(nn.Module):
     """A: Transformer layers over (u0, h_v1 + pos_v1, ...); the layer-normed output at u0's place is the summary u."""
 
@@ -195,7 +243,7 @@ class SelfieAttentionPooling(nn.Module):
         super().__init__()
         self.summary_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.layers = nn.ModuleList(
-            Block(
+            SelfieAttentionLayer(
                 config.hidden_size,
                 config.num_attention_heads,
                 mlp_ratio=config.mlp_ratio,
@@ -222,6 +270,12 @@ class SelfiePreTrainedModel(PreTrainedModel):
     base_model_prefix = "selfie"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    # `gradient_checkpointing_enable()` checkpoints every ResNet block ([`SelfieModel.run_stages`]) and every layer of
+    # the attention pooling network.
+    supports_gradient_checkpointing = True
+    # What `device_map="auto"` must keep on one device: a residual block adds its input to its branch's output, and
+    # the attention pooling network joins u0 to the tokens.
+    _no_split_modules = ["BasicBlock", "Bottleneck", "SelfieAttentionPooling"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -240,6 +294,12 @@ class SelfiePreTrainedModel(PreTrainedModel):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):  # the ECA attention of the ecaresnet backbones: PyTorch's init, as timm
+            module.reset_parameters()  # its `init` calls are guarded like ours: loaded weights stay
+        elif isinstance(module, BlurPool2d):  # the resnetblur backbones: a fixed filter, in no checkpoint
+            coefficients = torch.tensor([math.comb(module.filt_size - 1, k) for k in range(module.filt_size)])
+            blur = torch.outer(coefficients, coefficients) / 4 ** (module.filt_size - 1)
+            init.copy_(module.filt, blur.expand_as(module.filt))
         elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
@@ -294,11 +354,34 @@ class SelfieModel(SelfiePreTrainedModel):
             self.patch_projection = nn.Identity()
         self.position_embeddings = SelfiePositionEmbeddings(config) if add_attention_pooling else None
         self.attention_pooling = SelfieAttentionPooling(config) if add_attention_pooling else None
+        # Set by `gradient_checkpointing_enable()`, with `_gradient_checkpointing_func`: see `run_stages`.
+        self.gradient_checkpointing = False
         self.post_init()
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P on whole images of any size: the `(batch, channels, height', width')` stage-3 feature map."""
-        return self.patch_network.forward_features(pixel_values)
+        network = self.patch_network
+        if not self._checkpointing():
+            return network.forward_features(pixel_values)
+        # timm's `forward_features`, its stages checkpointed block by block (the stem is not, as in timm).
+        hidden = network.maxpool(network.act1(network.bn1(network.conv1(pixel_values))))
+        return self.run_stages((network.layer1, network.layer2, network.layer3, network.layer4), hidden)
+
+    def run_stages(self, stages: Iterable[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
+        """Run ResNet stages in turn. After `gradient_checkpointing_enable()`, in training mode with gradients on,
+        every block is checkpointed: its activations are recomputed in the backward instead of kept (the BatchNorm
+        running statistics are still updated once a step)."""
+        if not self._checkpointing():
+            for stage in stages:
+                hidden = stage(hidden)
+            return hidden
+        for stage in stages:
+            for block in stage:
+                hidden = self._gradient_checkpointing_func(_updating_statistics_once(block), hidden)
+        return hidden
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """h: P on every patch on its own, average-pooled and projected, `(batch, num_patches, hidden_size)`."""
@@ -410,7 +493,10 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
             bool_masked_pos = random_patch_mask(
                 pixel_values.shape[0], config.num_patches, config.num_masked_patches, device=pixel_values.device
             )
-        outputs = self.selfie(pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states)
+        # A ModelOutput whatever `config.return_dict` says (which `can_return_tuple` applies to this model's output).
+        outputs = self.selfie(
+            pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states, return_dict=True
+        )
         _, hidden = split_positions(bool_masked_pos, config.num_masked_patches)
         loss, logits = self.patch_selection_loss(
             outputs.pooler_output,
@@ -472,7 +558,7 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
         if self.layer4 is None:
             pooled, head_states = self.selfie.summarize_feature_map(feature_map, output_hidden_states)
         else:
-            last_feature_map = self.layer4(feature_map)
+            last_feature_map = self.selfie.run_stages([self.layer4], feature_map)
             pooled, head_states = last_feature_map.mean(dim=(2, 3)), (last_feature_map,)
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
