@@ -7,7 +7,8 @@ package is not installed.
 
 import transformers
 
-from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, SelfieConfig
+from .backbone_selfie import SelfieBackbone
+from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, STAGE_NAMES, SelfieConfig
 from .image_processing_selfie import preset_image_processor
 from .losses import PatchSelectionLoss, candidate_hits
 from .modeling_selfie import (
@@ -25,11 +26,16 @@ SelfieConfig.register_for_auto_class()
 for model_class, auto_class in AUTO_CLASSES:
     getattr(transformers, auto_class).register(SelfieConfig, model_class)
     model_class.register_for_auto_class(auto_class)
+# The backbone, for `AutoBackbone` and the dense-prediction models that build theirs from a `backbone_config`.
+transformers.AutoBackbone.register(SelfieConfig, SelfieBackbone)
+SelfieBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "CLASSIFIER_HEADS",
     "PRESETS",
+    "STAGE_NAMES",
     "PatchSelectionLoss",
+    "SelfieBackbone",
     "SelfieConfig",
     "SelfieForImageClassification",
     "SelfieForMaskedPatchPrediction",

@@ -6,12 +6,16 @@ import math
 from timm.models import is_model_in_modules
 from timm.models.resnet import ResNet
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 
 STEMS = ("imagenet", "cifar")
 BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
 POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
+# The feature maps of [`SelfieBackbone`]: the stem, stages 1-3 (P) and stage 4 (the `"resnet"` classifier's).
+STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4")
+DEFAULT_OUT_FEATURES = ("stage3",)  # P's output, which every checkpoint has
 # The arguments of timm's ResNet that the models set themselves, and from what; `backbone_kwargs` may give the others.
 SET_BY_SELFIE = {"num_classes": "the model's head", "in_chans": "num_channels", "norm_layer": "backbone_norm"}
 RESNET_ARGUMENTS = set(inspect.signature(ResNet.__init__).parameters) - {"self", *SET_BY_SELFIE}
@@ -23,10 +27,11 @@ PRESETS = {
 }
 
 
-class SelfieConfig(PreTrainedConfig):
+class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of the Selfie models ([`SelfieModel`], [`SelfieForMaskedPatchPrediction`],
-    [`SelfieForImageClassification`]): self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019).
+    [`SelfieForImageClassification`], [`SelfieBackbone`]): self-supervised pretraining for image embedding (Trinh,
+    Luong & Le, 2019).
 
     An image of `image_size` is cut into a grid of non-overlapping `patch_size` x `patch_size` patches. The patch
     network P (the stem and the first three stages of a timm ResNet) turns every patch into one vector; the attention
@@ -101,6 +106,16 @@ class SelfieConfig(PreTrainedConfig):
             the weights. Each entry is a dict with a `"task"` (today `"timm_weights"`, `"pretraining"` or
             `"classification"`) and fields of its own; entries of other tasks or with other fields, written by a later
             version, are kept as they are. Defaults to no stages: fresh weights.
+        out_features (`list[str]`, *optional*):
+            The feature maps that [`SelfieBackbone`] returns, a subset of `stage_names` (`"stem"`, `"stage1"`,
+            `"stage2"`, `"stage3"`, `"stage4"`) in that order; it and `out_indices` (their positions in
+            `stage_names`) are kept in step, as in every transformers backbone config. Defaults to `["stage3"]`, P's
+            feature map. `"stage4"` is stage 4 of the `"resnet"` classification head: the backbone builds it only
+            when asked for, and refuses to load it from a checkpoint without stage-4 weights (a pretraining
+            checkpoint, an `"attention_pooling"` classifier), where it would be random. The other models ignore both
+            fields.
+        out_indices (`list[int]`, *optional*):
+            The same choice as `out_features`, as indices into `stage_names`; give either.
 
     Example:
 
@@ -141,11 +156,17 @@ class SelfieConfig(PreTrainedConfig):
             self.image_size = list(self.image_size)
         if self.training_stages is None:
             self.training_stages = []
+        # The backbone fields: `stage_names` is fixed (a saved copy is ignored), `out_features` and `out_indices`
+        # are aligned by BackboneConfigMixin after the other checks.
+        kwargs.pop("stage_names", None)
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
         super().__post_init__(**kwargs)
         self._check_fields()
         if self.num_masked_patches is None:
             self.num_masked_patches = max(2, round(self.num_patches / 4))
         self._check_masking()
+        self.stage_names = list(STAGE_NAMES)
+        self._set_out_features(out_features, out_indices)
 
     @property
     def image_height_width(self) -> tuple[int, int]:
@@ -206,6 +227,16 @@ class SelfieConfig(PreTrainedConfig):
                 "score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)"
             )
         self._check_training_stages()
+
+    def _set_out_features(self, out_features, out_indices):
+        if out_features is None and out_indices is None:
+            out_features = DEFAULT_OUT_FEATURES
+        out_features = list(out_features) if isinstance(out_features, tuple) else out_features
+        try:
+            self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        except ValueError as error:  # BackboneConfigMixin's checks, which name no config
+            field, value = ("out_features", out_features) if out_features is not None else ("out_indices", out_indices)
+            _fail(field, value, f"must name stages of {list(STAGE_NAMES)}, each once and in that order ({error})")
 
     def _check_backbone_kwargs(self):
         # timm takes its arguments unchecked: a bad one fails deep in the model's construction, or builds a ResNet
