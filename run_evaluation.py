@@ -37,7 +37,7 @@ from selfie_training.evaluation import (
     labelled_images,
     linear_probe_accuracy,
 )
-from selfie_training.model_card import set_section
+from selfie_training.model_card import frozen_feature_results, set_frozen_feature_results, set_section
 from selfie_training.runner import (
     ModelArguments,
     build_config,
@@ -129,6 +129,14 @@ def main(args: list[str] | None = None) -> dict:
         card = os.path.join(model_args.model_name_or_path or "", "README.md")
         if model_args.model_name_or_path is not None and os.path.isfile(card):
             set_section(card, "frozen_features", results_markdown(results, eval_args, subset_args, data_args.source))
+            # The same figures in the card's YAML header, where the Hub reads results (`model-index`).
+            settings = {
+                "knn": {"k": eval_args.knn_k, "temperature": eval_args.knn_temperature},
+                "linear_probe": {"weight_decay": eval_args.probe_weight_decay},
+            }
+            set_frozen_feature_results(
+                card, frozen_feature_results(results, data_args.source, data_args.evaluation_split, settings)
+            )
             logger.info("Wrote the figures into %s.", card)
     return results
 

@@ -113,6 +113,8 @@ def main(args: list[str] | None = None) -> dict:
         card={
             "task": "classification",
             "dataset": data_args.source,
+            "evaluation_split": data_args.evaluation_split,
+            "model_name_or_path": model_args.model_name_or_path,  # the card's base_model, if a Hub id
             "dataset_description": f"{finetuning_args.describe()} of the training images of {data_args.source} "
             f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
         },

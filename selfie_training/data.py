@@ -90,6 +90,9 @@ class DataArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded datasets."})
+    # Set by `load_splits`: the dataset's split that the runs evaluate on ("validation", "test", or "train" for
+    # images held out from it), for the model card's metadata.
+    evaluation_split: str = field(default="validation", init=False)
 
     def __post_init__(self):
         # `not 0 <= x <= 1` holds for NaN too, which every comparison fails.
@@ -129,7 +132,9 @@ def load_splits(args: DataArguments) -> dict:
     if "train" not in splits:
         raise UserError(f"The dataset has no 'train' split (it has: {', '.join(splits) or 'none'}).")
     train = splits["train"]
-    validation = splits.get("validation", splits.get("test"))
+    named = [name for name in ("validation", "test") if name in splits]
+    args.evaluation_split = named[0] if named else "train"  # "train": validation images are held out from it
+    validation = splits[named[0]] if named else None
     held_out_stream = validation is None and args.streaming
     if validation is None:
         train, validation = _hold_out(train, args)

@@ -3,9 +3,14 @@
 import os
 import re
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import extract_hyperparameters_from_trainer, make_markdown_table, parse_log_history
 
+from modeling_selfie.configuration_selfie import is_number
+
+from .data import DIGITS
 from .timm_weights import TIMM_WEIGHTS
 
 
@@ -86,6 +91,26 @@ classify = pipeline("image-classification", model="{path}", trust_remote_code=Tr
 classify("image.png")""",
 }
 
+# The Hub's results (`model-index` in the card's YAML header): the task of each kind of figure, and a readable name
+# for each metric. A metric's type is its name in all_results.json (eval_results.json for run_evaluation.py) without
+# "eval_", so that the header and the JSON files name the same figure alike; the types differ between protocols
+# (fine-tuned "accuracy" against frozen-feature "knn_top1"), as the Hub groups the results of a task and dataset.
+TASKS = {
+    "pretraining": {"task_type": "image-feature-extraction", "task_name": "Selfie patch selection"},
+    "classification": {"task_type": "image-classification", "task_name": "Image classification"},
+}
+METRIC_NAMES = {
+    "loss": "Loss",
+    "candidate_accuracy": "Candidate accuracy (the right patch picked for a hidden position)",
+    "accuracy": "Top-1 accuracy",
+    "top5_accuracy": "Top-5 accuracy",
+    "knn_top1": "k-NN top-1 accuracy (frozen features)",
+    "knn_top5": "k-NN top-5 accuracy (frozen features)",
+    "linear_probe_top1": "Linear-probe top-1 accuracy (frozen features)",
+    "linear_probe_top5": "Linear-probe top-5 accuracy (frozen features)",
+}
+FROZEN_FEATURE_METRICS = ("knn_top1", "knn_top5", "linear_probe_top1", "linear_probe_top5")  # run_evaluation.py's
+
 DESCRIPTIONS = {
     "pretraining": "A ResNet pretrained with Selfie (Trinh, Luong & Le, 2019) on unlabelled images: it learns to "
     "pick, for every hidden patch position, the right patch among an image's hidden patches, from an attention-pooled "
@@ -96,20 +121,38 @@ DESCRIPTIONS = {
 }
 
 
-def write_model_card(trainer, *, task: str, dataset: str, dataset_description: str):
+def write_model_card(
+    trainer,
+    *,
+    task: str,
+    dataset: str,
+    dataset_description: str,
+    evaluation_split: str = "validation",
+    model_name_or_path: str | None = None,
+):
     """Write `README.md` into the trainer's output directory, with the results of the trainer's latest evaluation
-    and the chain of training stages that the model's config records. `task` is "pretraining" or
-    "classification"."""
+    (in the Markdown and in the YAML header's `model-index`) and the chain of training stages that the model's config
+    records. `task` is "pretraining" or "classification"; `model_name_or_path` the checkpoint the run started from
+    (--model_name_or_path), the card's `base_model` where it is a Hub model and the run trained."""
     if not trainer.is_world_process_zero():
         return
     config = trainer.model.config
     output_dir = trainer.args.output_dir
-    is_hub_dataset = "/" in dataset and not os.path.exists(dataset)
+    model_name = os.path.basename(os.path.normpath(output_dir))
+    latest = _latest_evaluation(trainer.state.log_history)
+    trained = trainer.args.do_train
+    # Without training the weights are --model_name_or_path's own: the checkpoint is not a base, nor the data theirs.
+    base_model = hub_model_id(model_name_or_path) if trained else None
+    results = evaluation_results(latest, task, dataset, evaluation_split)
     card_data = ModelCardData(
+        model_name=model_name if results else None,  # the name of the `model-index`, only written with it
+        eval_results=results or None,
+        datasets=[hub_dataset_id(dataset)] if trained and hub_dataset_id(dataset) else None,
+        metrics=["accuracy"] if results else None,  # the Hub's metric ids: every accuracy here; "loss" is none
+        base_model=base_model,
         library_name="transformers",
         license="apache-2.0",
         tags=["selfie", "self-supervised", "image-classification" if task == "classification" else "pretraining"],
-        datasets=[dataset] if is_hub_dataset else None,
         pipeline_tag="image-classification" if task == "classification" else "image-feature-extraction",
     )
     head = (
@@ -125,18 +168,115 @@ def write_model_card(trainer, *, task: str, dataset: str, dataset_description: s
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
-        model_name=os.path.basename(os.path.normpath(output_dir)),
+        model_name=model_name,
         description=DESCRIPTIONS[task].format(origin=_origin(config), head=head),
-        results=_results_table(trainer.state.log_history),
+        results=_results_table(latest),
         dataset_description=dataset_description,
         stages=f"Oldest first, each stage starting from the weights of the one before (`training_stages` in "
-        f"`config.json`):\n\n{describe_stages(config.training_stages, config.backbone)}",
+        f"`config.json`):\n\n{describe_stages(config.training_stages, config.backbone)}"
+        + (_describe_start(model_name_or_path, base_model) if trained and model_name_or_path else ""),
         hyperparameters="\n".join(f"- {name}: {value}" for name, value in hyperparameters.items()),
         training_log=make_markdown_table(log_lines) if log_lines else "No evaluation during training.",
         usage=USAGE[task].format(path=trainer.args.hub_model_id or output_dir),
         citation=CITATION,
     )
     card.save(os.path.join(output_dir, "README.md"))
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` can be a repository on the Hub: an `owner/name` or bare `name` id (huggingface_hub's
+    `validate_repo_id`) that is not a file or folder here. The scripts take a local path wherever they take a Hub id,
+    and the card is written where the run read its data and weights, so an existing path was read from disk; a path
+    that is no id (absolute, `./x`, `a/b/c`) never names a repository."""
+    if not name or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_dataset_id(dataset: str | None) -> str | None:
+    """`dataset` as the card's `datasets` lists it: a Hub id (`is_hub_id`), or None for a local folder and for the
+    embedded digits ("sklearn-digits", which no Hub repository holds)."""
+    return dataset if dataset != DIGITS and is_hub_id(dataset) else None
+
+
+def hub_model_id(model_name_or_path: str | None) -> str | None:
+    """The card's `base_model` for a run that started from `model_name_or_path`: the Hub id, or None for fresh
+    weights and for a local checkpoint (the Hub's `base_model` must name a Hub model; the card's stages name the
+    local one)."""
+    return model_name_or_path if is_hub_id(model_name_or_path) else None
+
+
+def _describe_start(model_name_or_path: str, base_model: str | None) -> str:
+    if base_model is not None:
+        return f"\n\nThis run started from the Hub model [{base_model}](https://huggingface.co/{base_model})."
+    return (
+        f"\n\nThis run started from the local checkpoint `{model_name_or_path}`; not being a Hub model, it is not the "
+        "card's `base_model`."
+    )
+
+
+def evaluation_results(metrics: dict | None, task: str, dataset: str, split: str) -> list[EvalResult]:
+    """The Hub's results (`model-index`) of an evaluation's `metrics` (a log entry or all_results.json: "eval_"
+    names, runtimes and speeds left out, as in the card's Markdown table) on the validation split of `dataset`.
+    Non-finite figures are left out: YAML would write NaN as `.nan`, which the Hub's results do not take."""
+    return [
+        _eval_result(TASKS[task], dataset, split, name.removeprefix("eval_"), value)
+        for name, value in (metrics or {}).items()
+        if _is_result(name) and is_number(value)
+    ]
+
+
+def frozen_feature_results(
+    results: dict, dataset: str, split: str, metric_args: dict[str, dict] | None = None
+) -> list[EvalResult]:
+    """The Hub's results of run_evaluation.py's `results` (k-NN and linear-probe top-1 and top-5 accuracy, those it
+    ran) on the validation split of `dataset`; `metric_args` holds each protocol's settings ("knn", "linear_probe")."""
+    return [
+        _eval_result(
+            TASKS["classification"],
+            dataset,
+            split,
+            name,
+            results[name],
+            (metric_args or {}).get(name.rsplit("_", 1)[0]),
+        )
+        for name in FROZEN_FEATURE_METRICS
+        if is_number(results.get(name))
+    ]
+
+
+def _eval_result(
+    task: dict, dataset: str, split: str, metric: str, value: float, metric_args: dict | None = None
+) -> EvalResult:
+    return EvalResult(
+        **task,
+        dataset_type=dataset,
+        dataset_name=dataset,
+        dataset_split=split,
+        metric_type=metric,
+        metric_name=METRIC_NAMES.get(metric, metric),
+        metric_value=value,
+        metric_args=metric_args or None,
+    )
+
+
+def set_frozen_feature_results(card_path: str, results: list[EvalResult]):
+    """Put `results` (`frozen_feature_results`) into the `model-index` of the card at `card_path`, in place of the
+    frozen-feature results there (whatever their dataset: like the card's section, they hold the latest evaluation);
+    the card's other results stay."""
+    card = ModelCard.load(card_path)
+    kept = [result for result in card.data.eval_results or [] if result.metric_type not in FROZEN_FEATURE_METRICS]
+    card.data.eval_results = kept + results or None
+    if card.data.eval_results:  # `model_name` names the `model-index`; without one it would be a key of its own
+        card.data.model_name = card.data.model_name or os.path.basename(os.path.dirname(os.path.abspath(card_path)))
+        card.data.metrics = sorted({*(card.data.metrics or []), "accuracy"})
+    else:
+        card.data.model_name = None
+    card.save(card_path)
 
 
 def describe_stages(stages: list[dict], backbone: str) -> str:
@@ -167,11 +307,14 @@ def _origin(config) -> str:
     return f"pretrained ({describe_stages(earlier, config.backbone)})" if earlier else "trained from scratch"
 
 
-def _results_table(log_history: list[dict]) -> str:
+def _latest_evaluation(log_history: list[dict]) -> dict | None:
     evaluations = [entry for entry in log_history if "eval_loss" in entry]
-    if not evaluations:
+    return evaluations[-1] if evaluations else None
+
+
+def _results_table(latest: dict | None) -> str:
+    if latest is None:
         return "Not evaluated."
-    latest = evaluations[-1]
     rows = [f"| {name.removeprefix('eval_')} | {value:.4f} |" for name, value in latest.items() if _is_result(name)]
     return "\n".join(
         [f"On the validation split, after {latest['step']} steps:", "", "| metric | value |", "|---|---|", *rows]

@@ -103,6 +103,8 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         card={
             "task": "pretraining",
             "dataset": data_args.source,
+            "evaluation_split": data_args.evaluation_split,
+            "model_name_or_path": model_args.model_name_or_path,  # the card's base_model, if a Hub id
             "dataset_description": (
                 f"Images of {data_args.source}, labels unused; "
                 f"{config.num_masked_patches} of {config.num_patches} patches hidden in every image."

@@ -164,8 +164,13 @@ def _create_model(model_class, model_args: ModelArguments, config: SelfieConfig)
     if model_args.backbone_weights is not None:
         try:
             load_timm_weights(model, model_args.backbone_weights)
-        except UserError as error:
-            raise UserError(f"--backbone_weights {error}") from error
+        except UserError as error:  # a file's errors start with its path; timm's own weights are named by the flag
+            flag = (
+                f"--backbone_weights {TIMM_WEIGHTS}:"
+                if model_args.backbone_weights == TIMM_WEIGHTS
+                else "--backbone_weights"
+            )
+            raise UserError(f"{flag} {error}") from error
         logger.info("The ResNet starts from %s.", _describe_timm_weights(model_args.backbone_weights, config))
     return model
 

@@ -30,9 +30,9 @@ class SelfieTrainer(TrainerHooks):
     """A `Trainer` for the Selfie scripts: its model card (written by the scripts, and by `push_to_hub`) is a
     Selfie model card; it stops on a non-finite loss; and it accounts for the images the collator could not read.
 
-    `card` holds what the card needs beyond the trainer's state: `task` ("pretraining" or "classification"),
-    `dataset` and `dataset_description` (where the weights came from, the card reads from the config's
-    `training_stages`).
+    `card` holds what the card needs beyond the trainer's state: the keyword arguments of `write_model_card` (`task`,
+    `dataset`, `dataset_description`, `evaluation_split`, `model_name_or_path`); where the weights came from, the
+    card reads from the config's `training_stages`.
     Unreadable images are logged and appended to `unreadable_images.txt` in the output directory; the run stops
     once they are more than `max_unreadable_fraction` of the images read (counting at least 1,000, so that one bad
     file among the first few batches does not stop it).

@@ -28,6 +28,7 @@ from selfie_training.data import (
     with_image_transform,
 )
 from selfie_training.metrics import TopKAccuracy, image_candidate_hits, top_classes
+from tests.utils import class_images
 
 
 def labelled_dataset(counts: dict[int, int]) -> Dataset:
@@ -186,8 +187,10 @@ def test_default_dataset_is_the_embedded_digits():
     assert len(digits) == 1797
     assert digits.features["label"].names == [str(d) for d in range(10)]
     assert digits[0]["image"].size == (32, 32) and digits[0]["image"].mode == "RGB"
-    splits = load_splits(DataArguments())
+    args = DataArguments()
+    splits = load_splits(args)
     assert (len(splits["train"]), len(splits["validation"])) == (1617, 180)
+    assert args.evaluation_split == "train"  # held out from it, for the model card
     assert choose_preset(DataArguments(), splits["train"], "image") == "imagenet32"
 
 
@@ -264,3 +267,15 @@ def test_pretraining_crops_of_small_images_add_no_border():
 
     assert all(monotonic_rows(borderless(ramp)) for _ in range(50))
     assert not all(monotonic_rows(padded(ramp)) for _ in range(50))
+
+
+@pytest.mark.parametrize(
+    ("names", "evaluated"), [(["train", "test"], "test"), (["train", "validation", "test"], "validation")]
+)
+def test_the_split_evaluated_on_is_recorded(tmp_path, names, evaluated):
+    images, labels = zip(*class_images(2, 4, size=(32, 32)), strict=True)
+    for name in names:
+        Dataset.from_dict({"image": list(images), "label": list(labels)}).to_parquet(tmp_path / f"{name}.parquet")
+    args = DataArguments(dataset_name=str(tmp_path))
+    load_splits(args)
+    assert args.evaluation_split == evaluated
