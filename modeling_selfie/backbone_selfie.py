@@ -95,12 +95,8 @@ class SelfieBackbone(BackboneMixin, SelfiePreTrainedModel):
         `out_features`, with `self.channels` channels.
         """
         self._check_out_features()
-        network = self.selfie.patch_network
-        hidden = network.act1(network.bn1(network.conv1(pixel_values)))
-        hidden_states = [network.maxpool(hidden)]
-        stages = [network.layer1, network.layer2, network.layer3]
-        if self.layer4 is not None:
-            stages.append(self.layer4)
+        hidden_states = [self.selfie.stem(pixel_values)]
+        stages = [*self.selfie.patch_stages(), *([self.layer4] if self.layer4 is not None else [])]
         for stage in stages:
             # Block by block under `gradient_checkpointing_enable()`, as in the other Selfie models.
             hidden_states.append(self.selfie.run_stages([stage], hidden_states[-1]))

@@ -360,12 +360,19 @@ class SelfieModel(SelfiePreTrainedModel):
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P on whole images of any size: the `(batch, channels, height', width')` stage-3 feature map."""
-        network = self.patch_network
         if not self._checkpointing():
-            return network.forward_features(pixel_values)
+            return self.patch_network.forward_features(pixel_values)
         # timm's `forward_features`, its stages checkpointed block by block (the stem is not, as in timm).
-        hidden = network.maxpool(network.act1(network.bn1(network.conv1(pixel_values))))
-        return self.run_stages((network.layer1, network.layer2, network.layer3, network.layer4), hidden)
+        return self.run_stages(self.patch_stages(), self.stem(pixel_values))
+
+    def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """P's stem: convolution, norm, activation and max-pool (none with the CIFAR stem)."""
+        network = self.patch_network
+        return network.maxpool(network.act1(network.bn1(network.conv1(pixel_values))))
+
+    def patch_stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """P's stages 1-3, which follow the stem."""
+        return self.patch_network.layer1, self.patch_network.layer2, self.patch_network.layer3
 
     def run_stages(self, stages: Iterable[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
         """Run ResNet stages in turn. After `gradient_checkpointing_enable()`, in training mode with gradients on,
