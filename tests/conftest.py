@@ -7,7 +7,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 
-from tests.utils import class_images
+from tests.utils import class_images, pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +36,12 @@ def parquet_folder(tmp_path) -> Path:
         root / "train.parquet"
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny pretraining checkpoint (1 step on the digits), shared by a module's tests."""
+    output = tmp_path_factory.mktemp("pretrained")
+    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_train_samples", "64",
+             "--max_eval_samples", "16")  # fmt: skip
+    return output

@@ -1,5 +1,8 @@
 """What the tests share: tiny configs and inputs, the training scripts run in-process, and test images."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,32 @@ def last_checkpoint(output: Path, **fields) -> str | None:
         return find_last_checkpoint(args)
     finally:
         unlock_output_dir(args)
+
+
+# accelerate's torchrun launcher (--multi_gpu) on the CPU: two processes joined by gloo.
+TWO_PROCESS_LAUNCH = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no",
+]  # fmt: skip
+
+
+def run_in_fresh_offline_process(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -c script *args` offline, with a cold Hugging Face cache and no PYTHONPATH (so that code saved with a
+    checkpoint must come from the checkpoint), in `cwd`; its output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PYTHONPATH": ""}
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def launch_two_processes(script: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a training script in two CPU processes, offline; its output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*TWO_PROCESS_LAUNCH, str(script), *flags],
+        cwd=REPOSITORY,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -1,9 +1,6 @@
 """SelfieBackbone: feature maps of a Selfie ResNet for dense prediction, and the image-feature-extraction pipeline."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -30,7 +27,7 @@ from modeling_selfie import (
     SelfieModel,
     preset_image_processor,
 )
-from tests.utils import images, tiny_config
+from tests.utils import images, run_in_fresh_offline_process, tiny_config
 
 
 ALL_STAGES = list(STAGE_NAMES)
@@ -251,15 +248,7 @@ def test_saved_backbone_loads_from_its_own_code_in_a_fresh_process(tmp_path):
         print(backbone_class.__module__)
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "backbone"), str(tmp_path / "io.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_in_fresh_offline_process(script, str(tmp_path / "backbone"), str(tmp_path / "io.pt"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("transformers_modules.")
 

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -27,7 +24,7 @@ from modeling_selfie import (
     preset_image_processor,
 )
 from selfie_training.timm_weights import load_timm_weights
-from tests.utils import fixed_mask, images, tiny_config
+from tests.utils import fixed_mask, images, run_in_fresh_offline_process, tiny_config
 
 
 def outputs(model, config):
@@ -170,20 +167,7 @@ def test_trust_remote_code_in_a_fresh_process_offline(tmp_path):
         assert "modeling_selfie" not in sys.modules, "the installed package was imported"
         """
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),  # a cold cache: the code must come from the checkpoint
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "checkpoint"), str(tmp_path / "io.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_in_fresh_offline_process(script, str(tmp_path / "checkpoint"), str(tmp_path / "io.pt"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
     assert any(line.startswith("transformers_modules.") and line.endswith(" SelfieModel") for line in lines)

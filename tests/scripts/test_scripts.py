@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,15 @@ import run_pretraining
 import run_sweep
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.data import DataArguments, load_splits
-from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS, fine_tune, pretrain
+from tests.utils import (
+    QUIET_FLAGS,
+    REPOSITORY,
+    TINY_MODEL,
+    TINY_MODEL_FLAGS,
+    fine_tune,
+    launch_two_processes,
+    pretrain,
+)
 
 
 def read_json(path: Path) -> dict:
@@ -295,21 +300,8 @@ def test_sweep_writes_the_table_the_plot_and_the_cards(tmp_path, image_folder):
 
 
 def test_two_processes_with_accelerate_launch(tmp_path, parquet_folder):
-    command = [
-        # accelerate's torchrun launcher (--multi_gpu), on the CPU: two processes joined by gloo.
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPOSITORY / "run_pretraining.py"),
+    result = launch_two_processes(
+        REPOSITORY / "run_pretraining.py",
         "--use_cpu",
         "True",
         "--dataset_name",
@@ -326,9 +318,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, parquet_folder):
         "info",
         *TINY_MODEL_FLAGS,
         *QUIET_FLAGS,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stdout + result.stderr
     assert read_json(tmp_path / "ddp" / "trainer_state.json")["global_step"] == 2

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -28,7 +27,15 @@ from selfie_training.evaluation import (
     labelled_images,
     linear_probe_accuracy,
 )
-from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, class_images, pretrain, tiny_config
+from tests.utils import (
+    QUIET_FLAGS,
+    REPOSITORY,
+    TINY_MODEL_FLAGS,
+    class_images,
+    launch_two_processes,
+    pretrain,
+    tiny_config,
+)
 
 
 def clusters(num_classes: int, per_class: int, spread: float = 0.1, seed: int = 0) -> LabelledFeatures:
@@ -196,21 +203,8 @@ def test_knn_monitor_during_pretraining(tmp_path, parquet_folder):
 
 
 def test_knn_monitor_with_two_processes(tmp_path, parquet_folder):
-    command = [
-        # As test_scripts.py's two-process run: accelerate's torchrun launcher on the CPU, two processes joined by gloo.
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPOSITORY / "run_pretraining.py"),
+    result = launch_two_processes(
+        REPOSITORY / "run_pretraining.py",
         "--use_cpu",
         "True",
         "--dataset_name",
@@ -230,9 +224,7 @@ def test_knn_monitor_with_two_processes(tmp_path, parquet_folder):
         "16",
         *TINY_MODEL_FLAGS,
         *QUIET_FLAGS,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log_history = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in log_history if "knn_top1" in entry] == [1, 2]
@@ -247,23 +239,6 @@ def test_knn_monitor_needs_labels(tmp_path, image_folder):
         ValueError, match=r"^--knn_monitor_samples 8 needs labels, but the dataset has no label column"
     ):
         pretrain(tmp_path / "run", "--train_dir", str(unlabelled), "--max_steps", "1", "--knn_monitor_samples", "8")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    output = tmp_path_factory.mktemp("pretrained")
-    pretrain(
-        output,
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "16",
-    )
-    return str(output)
 
 
 def evaluate(tmp_path, *flags: str) -> dict:
@@ -289,8 +264,8 @@ def test_evaluation_writes_the_figures_and_puts_them_into_the_card(tmp_path, pre
     with open(card, "w") as file:
         file.write(text)
 
-    evaluate(tmp_path / "first", "--model_name_or_path", pretrained, "--knn_k", "10")
-    results = evaluate(tmp_path / "eval", "--model_name_or_path", pretrained, "--labels_per_class", "5")
+    evaluate(tmp_path / "first", "--model_name_or_path", str(pretrained), "--knn_k", "10")
+    results = evaluate(tmp_path / "eval", "--model_name_or_path", str(pretrained), "--labels_per_class", "5")
 
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text()) == results
     assert json.loads((tmp_path / "eval" / "all_results.json").read_text()) == results
@@ -315,7 +290,8 @@ def test_random_init_baseline_is_seeded_and_leaves_the_card_alone(tmp_path, pret
     with open(f"{pretrained}/README.md") as file:
         card = file.read()
     runs = [
-        evaluate(tmp_path / name, "--config_name", pretrained, "--protocols", "knn", "--seed", "1") for name in "ab"
+        evaluate(tmp_path / name, "--config_name", str(pretrained), "--protocols", "knn", "--seed", "1")
+        for name in "ab"
     ]
     for results in runs:
         results.pop("eval_runtime")
@@ -335,12 +311,12 @@ def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     cases = [
         (
-            ["--model_name_or_path", pretrained, "--train_dir", str(unlabelled)],
+            ["--model_name_or_path", str(pretrained), "--train_dir", str(unlabelled)],
             r"^No label column found among the dataset's columns \['image'\]",
         ),
         (["--model_name_or_path", str(bert)], r"holds a 'bert' model, not a Selfie one"),
         ([], r"^Give --model_name_or_path \(a Selfie checkpoint to evaluate\) or --config_name"),
-        (["--config_name", pretrained, "--knn_k", "0"], r"^--knn_k 0 must be at least 1\.$"),
+        (["--config_name", str(pretrained), "--knn_k", "0"], r"^--knn_k 0 must be at least 1\.$"),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -7,27 +7,10 @@ from transformers import TrainingArguments
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.data import RandomStream
 from selfie_training.trainer import SelfieTrainer
-from tests.utils import TINY_MODEL_FLAGS, fine_tune, pretrain, tiny_config
+from tests.utils import TINY_MODEL_FLAGS, fine_tune, tiny_config
 
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics follow the data, frozen or not
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> str:
-    output = tmp_path_factory.mktemp("pretrained")
-    pretrain(
-        output,
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "16",
-    )
-    return str(output)
 
 
 def changed(before: dict, after: dict, prefix: str) -> set[str]:
@@ -42,7 +25,7 @@ def changed(before: dict, after: dict, prefix: str) -> set[str]:
 def test_a_pretrained_learning_rate_of_zero_keeps_the_pretrained_weights_and_trains_the_head(
     tmp_path, pretrained, head
 ):
-    flags = ["--model_name_or_path", pretrained, "--classifier_head", head, "--max_steps", "3",
+    flags = ["--model_name_or_path", str(pretrained), "--classifier_head", head, "--max_steps", "3",
              "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--learning_rate", "0.01"]  # fmt: skip
     start = load_file(f"{pretrained}/model.safetensors")
     fine_tune(tmp_path / "frozen", *flags, "--pretrained_learning_rate", "0")

@@ -17,13 +17,6 @@ from selfie_training.errors import TrainingStopped
 from tests.utils import QUIET_FLAGS, REPOSITORY, TINY_MODEL_FLAGS, fine_tune, pretrain
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("pretrained")
-    pretrain(output, "--max_steps", "1", "--per_device_train_batch_size", "8", "--max_eval_samples", "16")
-    return output
-
-
 def bert_checkpoint(root: Path) -> Path:
     root.mkdir()
     (root / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))

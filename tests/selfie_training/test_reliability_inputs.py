@@ -25,23 +25,6 @@ from selfie_training.timm_weights import load_timm_weights, save_timm_weights, t
 from tests.utils import QUIET_FLAGS, fine_tune, pretrain, tiny_config
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("pretrained")
-    pretrain(
-        output,
-        "--max_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "16",
-    )
-    return output
-
-
 def copy_checkpoint(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*"))
     return target
