@@ -13,6 +13,7 @@ STEMS = ("imagenet", "cifar")
 BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
 POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
+MASKING_STRATEGIES = ("random", "split")
 # The feature maps of [`SelfieBackbone`]: the stem, stages 1-3 (P) and stage 4 (the `"resnet"` classifier's).
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4")
 DEFAULT_OUT_FEATURES = ("stage3",)  # P's output, which every checkpoint has
@@ -20,10 +21,11 @@ DEFAULT_OUT_FEATURES = ("stage3",)  # P's output, which every checkpoint has
 SET_BY_SELFIE = {"num_classes": "the model's head", "in_chans": "num_channels", "norm_layer": "backbone_norm"}
 RESNET_ARGUMENTS = set(inspect.signature(ResNet.__init__).parameters) - {"self", *SET_BY_SELFIE}
 # The architecture of the paper's three settings; the image processor of each is in `image_processing_selfie.py`.
+# Each hides the default share of its grid (`num_masked_patches`): 4 of 16 patches, 12 of 49.
 PRESETS = {
-    "cifar10": {"image_size": 32, "patch_size": 8, "stem": "cifar", "num_masked_patches": 4},
-    "imagenet32": {"image_size": 32, "patch_size": 8, "stem": "cifar", "num_masked_patches": 4},
-    "imagenet224": {"image_size": 224, "patch_size": 32, "stem": "imagenet", "num_masked_patches": 12},
+    "cifar10": {"image_size": 32, "patch_size": 8, "stem": "cifar"},
+    "imagenet32": {"image_size": 32, "patch_size": 8, "stem": "cifar"},
+    "imagenet224": {"image_size": 224, "patch_size": 32, "stem": "imagenet"},
 }
 
 
@@ -63,10 +65,17 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         patch_size (`int`, *optional*, defaults to 32):
             Side of the square patches. It must divide the image height and width; the patch grid is
             `(height // patch_size, width // patch_size)`.
+        masking_strategy (`str`, *optional*, defaults to `"random"`):
+            The pretraining objective's mask. `"random"`: Selfie's, `num_masked_patches` positions hidden at random;
+            the summary of the visible patches picks the hidden patches for the hidden positions. `"split"`:
+            SplitMask's split-and-match (El-Nouby et al., 2021): the grid is split at random into two disjoint
+            halves (the hidden one has `num_patches // 2` positions, the visible one the rest), and the patch
+            selection runs in both directions: the visible half's summary picks the hidden half's patches, and the
+            hidden half's summary picks the visible half's. P runs once on all patches; A runs once for each half.
         num_masked_patches (`int`, *optional*):
             Number of patches hidden in every image during pretraining: at least 2 (one distractor) and fewer than
-            the number of patches. Defaults to a quarter of the grid (4 of 16, 12 of 49); the paper's figure hides 3
-            of 9.
+            the number of patches. Defaults to a quarter of the grid (4 of 16, 12 of 49) with the `"random"`
+            strategy; the paper's figure hides 3 of 9. The `"split"` strategy hides half: `num_patches // 2`.
         hidden_size (`int`, *optional*, defaults to 512):
             Width of the attention pooling network and of the vectors scored in the loss. Where it differs from
             the width of P's output (1024 for ResNet-50), a linear projection maps P's vectors to it. The paper
@@ -91,6 +100,17 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         score_temperature (`float`, *optional*):
             The temperature of the patch-selection loss: the candidate scores <u + pos_i, h_j> are divided by it. Defaults to `sqrt(hidden_size)`: raw dot
             products of 1024-d vectors diverged within a few steps in our experiments. `1.0` gives the raw scores.
+        image_contrastive_weight (`float`, *optional*, defaults to 0.0):
+            Weight of SplitMask's image-level InfoNCE term in the pretraining loss (which is the patch-selection loss
+            plus this weight times the InfoNCE loss). The summaries of an image's two halves, through a small
+            projection head, must pick each other out of the summaries of every image of the (global) batch. Needs
+            `masking_strategy="split"`, the only strategy that summarises both halves; 0 leaves the term and its
+            projection head out.
+        contrastive_temperature (`float`, *optional*, defaults to 0.1):
+            The InfoNCE temperature: the cosine similarities of the projected summaries are divided by it.
+        contrastive_projection_size (`int`, *optional*, defaults to 256):
+            Output width of the projection head (a linear layer of `hidden_size`, GELU, a linear layer to this size)
+            that maps each summary to the vector the InfoNCE compares. Pretraining only: classifiers leave it out.
         classifier_head (`str`, *optional*, defaults to `"resnet"`):
             Head of [`SelfieForImageClassification`]: `"resnet"` (P on the full image, then stage 4, average pooling
             and a linear classifier: a plain ResNet) or `"attention_pooling"` (no stage 4: the attention pooling
@@ -128,6 +148,14 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     """
 
     model_type = "selfie"
+    # What `Trainer` leaves out of the predictions it gathers in evaluation: only the logits are read from them.
+    keys_to_ignore_at_inference = [
+        "accuracy",
+        "patch_selection_loss",
+        "image_contrastive_loss",
+        "bool_masked_pos",
+        "hidden_states",
+    ]
 
     backbone: str = "resnet50"
     backbone_kwargs: dict | None = None
@@ -136,6 +164,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     num_channels: int = 3
     image_size: int | list[int] | tuple[int, int] = 224
     patch_size: int = 32
+    masking_strategy: str = "random"
     num_masked_patches: int | None = None
     hidden_size: int = 512
     num_hidden_layers: int = 2
@@ -146,6 +175,9 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     position_embedding_type: str = "factorized"
     score_temperature: float | None = None
+    image_contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    contrastive_projection_size: int = 256
     classifier_head: str = "resnet"
     classifier_dropout_prob: float = 0.0
     initializer_range: float = 0.02
@@ -163,7 +195,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_fields()
         if self.num_masked_patches is None:
-            self.num_masked_patches = max(2, round(self.num_patches / 4))
+            self.num_masked_patches = self._default_num_masked_patches()
         self._check_masking()
         self.stage_names = list(STAGE_NAMES)
         self._set_out_features(out_features, out_indices)
@@ -201,7 +233,15 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
-        for name in ("num_channels", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        _check_choice("masking_strategy", self.masking_strategy, MASKING_STRATEGIES)
+        for name in (
+            "num_channels",
+            "patch_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "contrastive_projection_size",
+        ):
             _check_positive_int(name, getattr(self, name))
         size = self.image_size
         if not (
@@ -216,7 +256,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
             value = getattr(self, name)
             if not is_number(value) or not 0 <= value < 1:
                 _fail(name, value, "must be a probability in [0, 1)")
-        for name in ("mlp_ratio", "layer_norm_eps", "initializer_range"):
+        for name in ("mlp_ratio", "layer_norm_eps", "initializer_range", "contrastive_temperature"):
             value = getattr(self, name)
             if not is_number(value) or value <= 0:
                 _fail(name, value, "must be a positive number")
@@ -225,6 +265,15 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         ):
             _fail(
                 "score_temperature", self.score_temperature, "must be a positive number, or None for sqrt(hidden_size)"
+            )
+        weight = self.image_contrastive_weight
+        if not is_number(weight) or weight < 0:
+            _fail("image_contrastive_weight", weight, "must be a number >= 0")
+        if weight > 0 and self.masking_strategy != "split":
+            _fail(
+                "image_contrastive_weight",
+                weight,
+                "needs masking_strategy='split' (the InfoNCE compares the summaries of an image's two halves)",
             )
         self._check_training_stages()
 
@@ -263,8 +312,23 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
             if not isinstance(stage.get("task"), str):
                 _fail(f"training_stages[{index}]", stage, "must name its 'task'")
 
+    def _default_num_masked_patches(self) -> int:
+        if self.masking_strategy == "split":
+            return self.num_patches // 2
+        return max(2, round(self.num_patches / 4))
+
     def _check_masking(self):
         masked = self.num_masked_patches
+        if self.masking_strategy == "split":
+            # Each half is the other's context and candidates: at least 2 patches each.
+            if self.num_patches < 4:
+                _fail("masking_strategy", "split", f"needs a grid of at least 4 patches, not {self.num_patches}")
+            if masked != self.num_patches // 2:
+                _fail(
+                    "num_masked_patches",
+                    masked,
+                    f"must be {self.num_patches // 2} (half the {self.num_patches} patches) with masking_strategy='split'",
+                )
         if not is_positive_int(masked) or not 2 <= masked < self.num_patches:
             _fail(
                 "num_masked_patches",

@@ -38,11 +38,12 @@ class PatchSelectionLoss(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
 
 
-def candidate_hits(logits: torch.Tensor) -> torch.Tensor:
-    """Each image's share of hidden positions whose own patch scored highest, from `(batch, k, k)` logits whose right
-    answers are on the diagonal: the candidate accuracy, before averaging over images."""
-    targets = torch.arange(logits.shape[-1], device=logits.device)
-    return (logits.argmax(dim=-1) == targets).float().mean(dim=-1)
+def candidate_hits(*logits: torch.Tensor) -> torch.Tensor:
+    """Each image's share of hidden positions whose own patch scored highest, from one or more `(batch, k, k)` logits
+    whose right answers are on the diagonal (one for each direction of the split objective, counted position by
+    position): the candidate accuracy, before averaging over images."""
+    hits = [scores.argmax(dim=-1) == torch.arange(scores.shape[-1], device=scores.device) for scores in logits]
+    return torch.cat(hits, dim=1).float().mean(dim=-1)
 
 
 class ImageContrastiveLoss(nn.Module):

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_selfie import SelfieConfig
-from .losses import PatchSelectionLoss, candidate_hits
+from .losses import ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
 
 
 @dataclass
@@ -55,22 +55,36 @@ class SelfieForMaskedPatchPredictionOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`):
-            Cross-entropy of choosing, for every hidden position, its own patch among the image's hidden patches.
+            The pretraining loss: `patch_selection_loss`, plus `config.image_contrastive_weight` times
+            `image_contrastive_loss` where that term is on.
         logits (`torch.FloatTensor` of shape `(batch_size, num_masked_patches, num_masked_patches)`):
-            `logits[b, i, j]` scores hidden patch j as the fill for hidden position i (both in grid order); the right
-            answer of row i is j = i.
+            `logits[b, i, j]` scores hidden patch j as the fill for hidden position i (both in grid order), from the
+            summary of the visible patches; the right answer of row i is j = i.
+        reverse_logits (`torch.FloatTensor` of shape `(batch_size, num_visible_patches, num_visible_patches)`):
+            With `masking_strategy="split"` only: the other direction, visible patch j scored as the fill for visible
+            position i from the summary of the hidden half.
         accuracy (`torch.FloatTensor` of shape `()`):
-            Share of hidden positions whose highest-scored candidate is their own patch (chance: 1 /
-            num_masked_patches).
+            Share of the positions filled in (hidden ones; visible ones too with the split objective) whose
+            highest-scored candidate is their own patch (chance: 1 / the number of candidates).
+        patch_selection_loss (`torch.FloatTensor` of shape `()`):
+            Cross-entropy of choosing, for every position filled in, its own patch among the candidates: the hidden
+            patches (and, with the split objective, the visible ones for the visible positions), averaged over
+            positions.
+        image_contrastive_loss (`torch.FloatTensor` of shape `()`):
+            Where `config.image_contrastive_weight > 0`: the InfoNCE between the summaries of each image's two halves
+            ([`ImageContrastiveLoss`]).
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`):
             The mask used, True where a patch was hidden: the one given, or the one drawn.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            Input of the attention pooling network and output of each of its layers.
+            Input of the attention pooling network and output of each of its layers, over the visible patches.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    reverse_logits: torch.FloatTensor | None = None
     accuracy: torch.FloatTensor | None = None
+    patch_selection_loss: torch.FloatTensor | None = None
+    image_contrastive_loss: torch.FloatTensor | None = None
     bool_masked_pos: torch.BoolTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
@@ -407,6 +421,16 @@ class SelfieModel(SelfiePreTrainedModel):
         features = self.feature_map(patches).mean(dim=(2, 3))
         return self.patch_projection(features).view(pixel_values.shape[0], self.config.num_patches, -1)
 
+    def summarize(
+        self, patch_embeddings: torch.Tensor, positions: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> tuple:
+        """A over the patches at `positions` (`(batch, k)` grid indices; every patch if None), each with its position
+        embedding: the `(batch, 1 + k, hidden_size)` output, u first; and A's hidden states where asked for."""
+        tokens = patch_embeddings + self.position_embeddings()
+        if positions is not None:
+            tokens = _gather_patches(tokens, positions)
+        return self.attention_pooling(tokens, output_hidden_states)
+
     def summarize_feature_map(self, feature_map: torch.Tensor, output_hidden_states: bool = False) -> tuple:
         """u for whole images: A over every cell of P's feature map, with the position embeddings resized to it; and
         A's hidden states where asked for (else None)."""
@@ -436,12 +460,11 @@ class SelfieModel(SelfiePreTrainedModel):
         patch_embeddings = self.embed_patches(pixel_values)
         if self.attention_pooling is None:
             return SelfieModelOutput(patch_embeddings=patch_embeddings)
-        tokens = patch_embeddings + self.position_embeddings()
+        visible = None
         if bool_masked_pos is not None:
             self._check_mask(bool_masked_pos, pixel_values.shape[0])
             visible, _ = split_positions(bool_masked_pos, self.config.num_masked_patches)
-            tokens = _gather_patches(tokens, visible)
-        last_hidden_state, hidden_states = self.attention_pooling(tokens, output_hidden_states)
+        last_hidden_state, hidden_states = self.summarize(patch_embeddings, visible, output_hidden_states)
         return SelfieModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=last_hidden_state[:, 0],
@@ -467,10 +490,30 @@ class SelfieModel(SelfiePreTrainedModel):
             torch._assert_async(torch.all(counts == self.config.num_masked_patches), f"{message}.")
 
 
+class SelfieImageContrastiveHead(nn.Module):
+    """SplitMask's image-level term: the summaries of each image's two halves, each through a small projection head,
+    must pick each other out of the summaries of the batch's other images ([`ImageContrastiveLoss`])."""
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__()
+        self.projection = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.contrastive_projection_size),
+        )
+        self.loss = ImageContrastiveLoss(config.contrastive_temperature)
+
+    def forward(self, first_summary: torch.Tensor, second_summary: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.projection(first_summary), self.projection(second_summary))
+
+
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     """
     Selfie pretraining: the summary u of the visible patches must pick, for every hidden position, its own patch out
-    of the image's hidden patches ([`PatchSelectionLoss`]).
+    of the image's hidden patches ([`PatchSelectionLoss`]). With `masking_strategy="split"` (SplitMask's
+    split-and-match) the hidden half is summarised too, and its summary fills in the visible half the same way; with
+    `image_contrastive_weight > 0` the two summaries of an image must also pick each other out of the batch
+    ([`SelfieImageContrastiveHead`]).
     """
 
     def __init__(self, config: SelfieConfig):
@@ -479,6 +522,7 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         # sqrt(hidden_size) by default: raw dot products of 1024-d vectors diverged within a few steps.
         temperature = config.score_temperature if config.score_temperature is not None else config.hidden_size**0.5
         self.patch_selection_loss = PatchSelectionLoss(temperature)
+        self.image_contrastive = SelfieImageContrastiveHead(config) if config.image_contrastive_weight > 0 else None
         self.post_init()
 
     @can_return_tuple
@@ -492,8 +536,9 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Images of the config's `image_size`.
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
-            True for the hidden patches, exactly `num_masked_patches` per image. When not given, a fresh mask is
-            drawn for every image from torch's global random generator.
+            True for the hidden patches, exactly `num_masked_patches` per image (with `masking_strategy="split"`,
+            half the grid: the hidden half). When not given, a fresh mask is drawn for every image from torch's
+            global random generator.
         """
         config = self.config
         if bool_masked_pos is None:
@@ -504,18 +549,37 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         outputs = self.selfie(
             pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states, return_dict=True
         )
-        _, hidden = split_positions(bool_masked_pos, config.num_masked_patches)
-        loss, logits = self.patch_selection_loss(
-            outputs.pooler_output,
-            self.selfie.position_embeddings()[hidden],
-            _gather_patches(outputs.patch_embeddings, hidden),
+        visible, hidden = split_positions(bool_masked_pos, config.num_masked_patches)
+        # Each summary with the positions it fills in: the visible patches' summary fills in the hidden positions;
+        # under the split objective the hidden half's summary (A's second run; P ran once) fills in the visible ones.
+        fills = [(outputs.pooler_output, hidden)]
+        if config.masking_strategy == "split":
+            fills.append((self.selfie.summarize(outputs.patch_embeddings, hidden)[0][:, 0], visible))
+        selections = [self._fill_in(summary, outputs.patch_embeddings, positions) for summary, positions in fills]
+        # The mean over every position filled in (the halves differ by one on an odd grid).
+        patch_selection_loss = sum(loss * logits.shape[1] for loss, logits in selections) / sum(
+            logits.shape[1] for _, logits in selections
         )
+        loss, image_contrastive_loss = patch_selection_loss, None
+        if self.image_contrastive is not None:
+            image_contrastive_loss = self.image_contrastive(fills[0][0], fills[1][0])
+            loss = loss + config.image_contrastive_weight * image_contrastive_loss
+        logits = [logits for _, logits in selections]
         return SelfieForMaskedPatchPredictionOutput(
             loss=loss,
-            logits=logits,
-            accuracy=candidate_hits(logits.detach()).mean(),
+            logits=logits[0],
+            reverse_logits=logits[1] if len(logits) > 1 else None,
+            accuracy=candidate_hits(*(scores.detach() for scores in logits)).mean(),
+            patch_selection_loss=patch_selection_loss,
+            image_contrastive_loss=image_contrastive_loss,
             bool_masked_pos=bool_masked_pos,
             hidden_states=outputs.hidden_states,
+        )
+
+    def _fill_in(self, summary: torch.Tensor, patch_embeddings: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """The patch-selection loss and logits of `summary` filling in the patches at `positions`."""
+        return self.patch_selection_loss(
+            summary, self.selfie.position_embeddings()[positions], _gather_patches(patch_embeddings, positions)
         )
 
 

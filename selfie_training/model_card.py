@@ -164,7 +164,12 @@ def write_model_card(
     hyperparameters = extract_hyperparameters_from_trainer(trainer)
     hyperparameters.update(backbone=config.backbone, image_size=config.image_size, patch_size=config.patch_size)
     if task == "pretraining":
-        hyperparameters["num_masked_patches"] = config.num_masked_patches
+        hyperparameters.update(masking_strategy=config.masking_strategy, num_masked_patches=config.num_masked_patches)
+        if config.image_contrastive_weight > 0:
+            hyperparameters.update(
+                image_contrastive_weight=config.image_contrastive_weight,
+                contrastive_temperature=config.contrastive_temperature,
+            )
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -293,11 +298,31 @@ def _describe_stage(stage: dict, backbone: str) -> str:
             return f"timm's pretrained {backbone} weights"
         return f"timm {backbone} weights from {stage.get('weights', 'an unnamed file')}"
     if task == "pretraining":
-        return f"Selfie pretraining on {dataset}" + (" (norm layers only)" if stage.get("norm_only") else "")
+        notes = [f"objective: {stage['objective']}"] if stage.get("objective") else []
+        notes += ["norm layers only"] if stage.get("norm_only") else []
+        return f"Selfie pretraining on {dataset}" + (f" ({'; '.join(notes)})" if notes else "")
     if task == "classification":
         return f"fine-tuning on {dataset}"
     # A kind of stage written by a later version: described by its fields.
     return f"{task} ({', '.join(f'{name}: {value}' for name, value in stage.items() if name != 'task')})"
+
+
+def describe_objective(config) -> str:
+    """The pretraining objective that `config` sets, in words (recorded in the pretraining stage, shown in cards)."""
+    hidden, total = config.num_masked_patches, config.num_patches
+    if config.masking_strategy == "split":
+        objective = (
+            f"SplitMask's split-and-match, the grid split at random into halves of {total - hidden} and {hidden} "
+            "patches, each half's summary picking the other half's patches"
+        )
+    else:
+        objective = f"Selfie's patch selection, {hidden} of {total} patches hidden at random"
+    if config.image_contrastive_weight > 0:
+        objective += (
+            f", plus {config.image_contrastive_weight} x an image-level InfoNCE between the two halves' summaries "
+            f"(temperature {config.contrastive_temperature})"
+        )
+    return objective
 
 
 def _origin(config) -> str:

@@ -21,6 +21,7 @@ from .data import (
 )
 from .evaluation import KNNMonitorArguments, build_knn_monitor
 from .metrics import compute_candidate_accuracy, image_candidate_hits
+from .model_card import describe_objective
 from .runner import (
     ModelArguments,
     build_config,
@@ -72,6 +73,8 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     preset = choose_preset(data_args, splits["train"], image_column)
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
     config = build_config(model_args, preset, stage if training_args.do_train else None)
+    if training_args.do_train:  # the objective, in words, travels with the weights into every later card
+        config.training_stages[-1]["objective"] = describe_objective(config)
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     if pretraining_args.train_norm_only:
@@ -105,10 +108,7 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             "dataset": data_args.source,
             "evaluation_split": data_args.evaluation_split,
             "model_name_or_path": model_args.model_name_or_path,  # the card's base_model, if a Hub id
-            "dataset_description": (
-                f"Images of {data_args.source}, labels unused; "
-                f"{config.num_masked_patches} of {config.num_patches} patches hidden in every image."
-            ),
+            "dataset_description": f"Images of {data_args.source}, labels unused. Objective: {describe_objective(config)}.",
         },
     )
     if monitor_args.knn_monitor_samples is not None:

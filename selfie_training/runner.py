@@ -198,7 +198,10 @@ def build_config(model_args: ModelArguments, preset_name: str, stage: dict | Non
             config.update_from_string(model_args.config_overrides)
         except ValueError as error:  # an unknown field, a value of the wrong type
             raise UserError(f"--config_overrides {model_args.config_overrides!r}: {first_line(error)}") from error
-        values.update({name: getattr(config, name) for name in _override_names(model_args.config_overrides)})
+        overridden = _override_names(model_args.config_overrides)
+        values.update({name: getattr(config, name) for name in overridden})
+        if "masking_strategy" in overridden and "num_masked_patches" not in overridden:
+            values["num_masked_patches"] = None  # the new strategy's own default (half the grid for "split")
     try:
         config = SelfieConfig.from_dict(values)
     except ValueError as error:  # the config's checks name the field and value

@@ -276,24 +276,38 @@ class StopOnSignal(TrainerCallback):
 
 
 class PretrainingTrainer(SelfieTrainer):
-    """Logs the training candidate accuracy (the share of hidden positions whose own patch scored highest, averaged
-    over the steps since the last log and over processes) beside the loss."""
+    """Logs, beside the loss, the training candidate accuracy (the share of positions filled in whose own patch scored
+    highest) and, where the objective has more than one term, each term: the patch-selection loss and the image
+    contrastive loss. Each is averaged over the steps since the last log and over processes."""
+
+    # The model's outputs logged, and their names in the logs.
+    LOGGED_OUTPUTS = {
+        "accuracy": "candidate_accuracy",
+        "patch_selection_loss": "patch_selection_loss",
+        "image_contrastive_loss": "image_contrastive_loss",
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._accuracy_sum, self._accuracy_steps = 0.0, 0
+        self._output_sums, self._output_steps = {}, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
-            # Accumulated on the device: reading it here would synchronise every step.
-            self._accuracy_sum = self._accuracy_sum + outputs.accuracy.detach()
-            self._accuracy_steps += 1
+            # Summed on the device: reading them here would synchronise every step.
+            for name in self.LOGGED_OUTPUTS:
+                if outputs.get(name) is not None:
+                    self._output_sums[name] = self._output_sums.get(name, 0.0) + outputs[name].detach()
+            self._output_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict, start_time: float | None = None):
-        if "loss" in logs and self._accuracy_steps:
-            mean = torch.as_tensor(self._accuracy_sum / self._accuracy_steps, device=self.args.device)
-            logs["candidate_accuracy"] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 4)
-            self._accuracy_sum, self._accuracy_steps = 0.0, 0
+        if "loss" in logs and self._output_steps:
+            terms = self._output_sums
+            if "image_contrastive_loss" not in terms:  # one term: the selection loss is the loss already logged
+                terms.pop("patch_selection_loss", None)
+            for name, total in terms.items():
+                mean = torch.as_tensor(total / self._output_steps, device=self.args.device)
+                logs[self.LOGGED_OUTPUTS[name]] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 4)
+            self._output_sums, self._output_steps = {}, 0
         super().log(logs, start_time)
