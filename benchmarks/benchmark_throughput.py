@@ -7,7 +7,9 @@ For the CIFAR grid (32x32 images, 8x8 patches, the 3x3 stem) and the ImageNet gr
 the 7x7 stem), at the same batch size and precision, it measures
 
     peer        a supervised training step of timm's ResNet with the preset's stem (the reference)
-    selfie      a SelfieForMaskedPatchPrediction training step
+    selfie      a SelfieForMaskedPatchPrediction training step (the config's objective, Selfie's by default)
+    selfie_split                the same with SplitMask's split-and-match objective (both halves fill in each other)
+    selfie_split_contrastive    and with its image-level InfoNCE term too
     script      run_pretraining.py's own Trainer end to end, on real images (CIFAR-10, upscaled for 224x224)
     finetune    a SelfieForImageClassification training step (P, stage 4, classifier)
     decode      reading and decoding the images alone
@@ -31,6 +33,7 @@ import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +66,18 @@ from selfie_training.runner import ModelArguments, build_config, run, save_json
 
 logger = logging.getLogger(__name__)
 
-MODEL_STEPS = ("peer", "selfie", "script", "finetune")
+MODEL_STEPS = ("peer", "selfie", "selfie_split", "selfie_split_contrastive", "script", "finetune")
+# The pretraining objectives measured, and the config fields each sets ("selfie": the config's own, by default
+# Selfie's random mask; the split ones hide half the grid, their own default).
+OBJECTIVES = {
+    "selfie": {},
+    "selfie_split": {"masking_strategy": "split", "num_masked_patches": None},
+    "selfie_split_contrastive": {
+        "masking_strategy": "split",
+        "num_masked_patches": None,
+        "image_contrastive_weight": 0.5,
+    },
+}
 DATA_STEPS = ("decode", "transform", "loader")
 # On a GPU, the batch sizes of the usual supervised ResNet-50 references; small ones where the CPU does the work.
 DEFAULT_BATCH_SIZES = {"cuda": {"cifar10": 512, "imagenet224": 256}, "cpu": {"cifar10": 32, "imagenet224": 8}}
@@ -139,8 +153,8 @@ class Settings:
     def channels_last(self) -> bool:
         return self.args.channels_last if self.args.channels_last is not None else self.device == "cuda"
 
-    def model_config(self, num_labels: int | None = None) -> SelfieConfig:
-        config = SelfieConfig.from_dict(self.config)
+    def model_config(self, num_labels: int | None = None, **fields) -> SelfieConfig:
+        config = SelfieConfig.from_dict({**self.config, **fields})
         if num_labels is not None:
             config.num_labels = num_labels
         return config
@@ -213,9 +227,10 @@ def measure_peer(settings: Settings) -> dict:
     )
 
 
-def measure_selfie(settings: Settings) -> dict:
-    """A pretraining step, a fresh mask for every image (made on the host, as the data pipeline makes them)."""
-    config = settings.model_config()
+def measure_selfie(settings: Settings, objective: str = "selfie") -> dict:
+    """A pretraining step with one of the `OBJECTIVES`, a fresh mask for every image (made on the host, as the data
+    pipeline makes them)."""
+    config = settings.model_config(**OBJECTIVES[objective])
     mask = random_patch_mask(settings.batch_size, config.num_patches, config.num_masked_patches)
     return _measure_step(
         settings,
@@ -432,7 +447,7 @@ def measure_loader(settings: Settings) -> dict:
 
 MEASUREMENTS = {
     "peer": measure_peer,
-    "selfie": measure_selfie,
+    **{objective: partial(measure_selfie, objective=objective) for objective in OBJECTIVES},
     "script": measure_script,
     "finetune": measure_finetune,
     "decode": measure_decode,

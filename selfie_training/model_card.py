@@ -298,7 +298,7 @@ def _describe_stage(stage: dict, backbone: str) -> str:
             return f"timm's pretrained {backbone} weights"
         return f"timm {backbone} weights from {stage.get('weights', 'an unnamed file')}"
     if task == "pretraining":
-        notes = [f"objective: {stage['objective']}"] if stage.get("objective") else []
+        notes = [stage["objective"]] if stage.get("objective") else []
         notes += ["norm layers only"] if stage.get("norm_only") else []
         return f"Selfie pretraining on {dataset}" + (f" ({'; '.join(notes)})" if notes else "")
     if task == "classification":
@@ -308,20 +308,15 @@ def _describe_stage(stage: dict, backbone: str) -> str:
 
 
 def describe_objective(config) -> str:
-    """The pretraining objective that `config` sets, in words (recorded in the pretraining stage, shown in cards)."""
+    """The pretraining objective that `config` sets, in a few words (recorded in the pretraining stage, so that every
+    later card names it too)."""
     hidden, total = config.num_masked_patches, config.num_patches
     if config.masking_strategy == "split":
-        objective = (
-            f"SplitMask's split-and-match, the grid split at random into halves of {total - hidden} and {hidden} "
-            "patches, each half's summary picking the other half's patches"
-        )
+        objective = f"SplitMask split-and-match, halves of {total - hidden} and {hidden} patches filling in each other"
     else:
-        objective = f"Selfie's patch selection, {hidden} of {total} patches hidden at random"
+        objective = f"Selfie patch selection, {hidden} of {total} patches hidden at random"
     if config.image_contrastive_weight > 0:
-        objective += (
-            f", plus {config.image_contrastive_weight} x an image-level InfoNCE between the two halves' summaries "
-            f"(temperature {config.contrastive_temperature})"
-        )
+        objective += f", plus {config.image_contrastive_weight} x image-level InfoNCE"
     return objective
 
 

@@ -73,7 +73,8 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     preset = choose_preset(data_args, splits["train"], image_column)
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
     config = build_config(model_args, preset, stage if training_args.do_train else None)
-    if training_args.do_train:  # the objective, in words, travels with the weights into every later card
+    if training_args.do_train and config.masking_strategy != "random":
+        # Another objective than Selfie's own, in words: it travels with the weights into every later card.
         config.training_stages[-1]["objective"] = describe_objective(config)
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)

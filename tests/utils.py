@@ -19,14 +19,14 @@ TINY_ATTENTION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_head
 
 
 def tiny_config(**kwargs) -> SelfieConfig:
-    """A Selfie config small enough for CPU tests: 32x32 images, 8x8 patches, the CIFAR stem, 4 of 16 hidden."""
+    """A Selfie config small enough for CPU tests: 32x32 images, 8x8 patches, the CIFAR stem, 4 of 16 hidden (the
+    default; 8 with `masking_strategy="split"`)."""
     fields = {
         **TINY_BACKBONE,
         **TINY_ATTENTION,
         "image_size": 32,
         "patch_size": 8,
         "stem": "cifar",
-        "num_masked_patches": 4,
     }
     if "id2label" not in kwargs:
         fields["num_labels"] = 3

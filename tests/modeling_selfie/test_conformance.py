@@ -27,6 +27,11 @@ from tests.utils import fixed_mask, tiny_config
 VARIANTS = {
     "base": (SelfieModel, {}),
     "pretraining": (SelfieForMaskedPatchPrediction, {}),
+    # SplitMask's objective: both halves fill in each other, and the image-level contrastive head.
+    "split_pretraining": (
+        SelfieForMaskedPatchPrediction,
+        {"masking_strategy": "split", "image_contrastive_weight": 0.5},
+    ),
     "resnet_head": (SelfieForImageClassification, {"classifier_head": "resnet"}),
     "attention_head": (SelfieForImageClassification, {"classifier_head": "attention_pooling"}),
 }
@@ -162,7 +167,7 @@ def test_hidden_states_count_and_shapes(variant):
 
     # P's stage-3 map of a 32x32 image through the CIFAR stem: strides 1, 1, 2, 2; 32 * 4 channels (bottlenecks).
     stage3 = (batch, 128, 8, 8)
-    if variant in ("base", "pretraining"):
+    if variant in ("base", "pretraining", "split_pretraining"):  # A's first run: over the visible patches
         visible = config.num_patches - config.num_masked_patches
         expected = [(batch, 1 + visible, width)] * (layers + 1)  # A's input (u0 first), then each layer's output
     elif variant == "resnet_head":
@@ -204,8 +209,18 @@ def test_a_batch_gives_what_its_images_give_one_by_one(variant):
         for index in range(3)
     ]
     tolerances = {"rtol": 1e-4, "atol": 1e-5}
+    if together.image_contrastive_loss is not None:
+        # The one term that compares images: an image alone has no negatives (its loss is 0), in the batch it has.
+        assert all(output.image_contrastive_loss == 0 for output in alone)
+        assert together.image_contrastive_loss > 0.1
+        torch.testing.assert_close(
+            together.loss,
+            together.patch_selection_loss + config.image_contrastive_weight * together.image_contrastive_loss,
+        )
     for name, value in together.items():
-        if name in ("loss", "accuracy"):  # means over the batch (every image has as many hidden patches)
+        if name in ("loss", "image_contrastive_loss") and together.image_contrastive_loss is not None:
+            continue  # checked above
+        if name in ("loss", "accuracy", "patch_selection_loss"):  # means over the batch (as many positions an image)
             torch.testing.assert_close(value, torch.stack([output[name] for output in alone]).mean(), **tolerances)
         elif name == "hidden_states":
             for layer, state in enumerate(value):
@@ -398,6 +413,14 @@ CROSS_LOADING = {
     ("pretraining", "base"): (set(), set(), set()),
     ("pretraining", "resnet_head"): ({"layer4", "classifier"}, {f"selfie.{part}" for part in A_PARTS}, set()),
     ("pretraining", "attention_head"): ({"classifier"}, set(), set()),
+    # The contrastive head is pretraining's alone.
+    ("split_pretraining", "base"): (set(), {"image_contrastive"}, set()),
+    ("split_pretraining", "resnet_head"): (
+        {"layer4", "classifier"},
+        {"image_contrastive", *(f"selfie.{part}" for part in A_PARTS)},
+        set(),
+    ),
+    ("split_pretraining", "attention_head"): ({"classifier"}, {"image_contrastive"}, set()),
     ("resnet_head", "base"): (set(A_PARTS), {"layer4", "classifier"}, set()),
     ("resnet_head", "pretraining"): ({f"selfie.{part}" for part in A_PARTS}, {"layer4", "classifier"}, set()),
     # Both heads have a classifier, of other widths (stage 4's 256 channels, A's 32).
@@ -471,7 +494,7 @@ def test_torch_export_of_the_eval_forward(variant):
         if "bool_masked_pos" in inputs:  # the mask check is part of the exported graph
             wrong = inputs["bool_masked_pos"].clone()
             wrong[0] = False
-            with pytest.raises(RuntimeError, match="exactly num_masked_patches=4"):
+            with pytest.raises(RuntimeError, match=f"exactly num_masked_patches={config.num_masked_patches}"):
                 exported(**{**inputs, "bool_masked_pos": wrong})
 
 
@@ -536,9 +559,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(variant, use_r
     loss, forward_counts, counts = training_step(model, config)
     checkpointed_loss, checkpointed_forward_counts, checkpointed_counts = training_step(checkpointed, config)
 
-    # Checkpointing is on: in the backward every block and Transformer layer ran again, the stem did not.
-    assert forward_counts == checkpointed_forward_counts == counts == dict.fromkeys(counts, 1)
-    assert checkpointed_counts == {name: 1 if name == "stem" else 2 for name in counts}
+    # Checkpointing is on: in the backward every block and Transformer layer ran again, the stem did not. (The split
+    # objective runs A twice a forward, once a half.)
+    runs = {name: 2 if name.startswith("attention") and config.masking_strategy == "split" else 1 for name in counts}
+    assert forward_counts == checkpointed_forward_counts == counts == runs
+    assert checkpointed_counts == {name: runs[name] * (1 if name == "stem" else 2) for name in counts}
 
     torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)
     gradients = dict(checkpointed.named_parameters())

@@ -43,6 +43,12 @@ def test_candidate_hits_is_each_images_share_of_positions_won_by_their_own_patch
         ]
     )
     assert candidate_hits(logits).tolist() == [1.0, 0.5]
+    # Both directions of the split objective, counted position by position (halves of 2 and 1 on an odd grid; one
+    # candidate always wins): image 0 wins 2 + 1 of 3 positions, image 1 wins 1 + 1 of 3.
+    one_candidate = torch.zeros(2, 1, 1)
+    assert candidate_hits(logits, one_candidate).tolist() == pytest.approx([1.0, 2 / 3])
+    reverse_lost = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # 0 of 2, then 1 of 2
+    assert candidate_hits(logits, reverse_lost).tolist() == [0.5, 0.5]
 
 
 def test_image_contrastive_loss_against_a_hand_computed_value():

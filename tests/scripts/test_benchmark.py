@@ -42,6 +42,10 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
         # Selfie runs P on the patches (no stage 4) plus the small attention pooling network.
         assert 0 < step["selfie"]["flops_per_image"] < step["peer"]["flops_per_image"]
         assert step["script"]["flops_per_image"] == step["selfie"]["flops_per_image"]
+        # The split objective runs A once a half (over all patches, not the visible three quarters) and scores both
+        # halves; the contrastive term adds its projection head: each costs a little more, P's share the same.
+        flops = [step[objective]["flops_per_image"] for objective in benchmark_throughput.OBJECTIVES]
+        assert flops == sorted(set(flops)) and flops[-1] < 1.2 * flops[0]
         assert step["script"]["ratio_to_selfie"] == pytest.approx(
             step["script"]["images_per_second"] / step["selfie"]["images_per_second"]
         )

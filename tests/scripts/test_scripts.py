@@ -72,6 +72,46 @@ def test_pretraining_on_an_unlabelled_image_folder(tmp_path, image_folder):
     assert "4 of 16 patches hidden" in card
 
 
+def test_pretraining_with_the_split_objective_logs_each_term_and_names_it(tmp_path):
+    output = tmp_path / "split"
+    # --config_overrides replaces TINY_MODEL's: its fields, and the objective (num_masked_patches follows: 8 of 16).
+    overrides = f"{TINY_MODEL['config_overrides']},masking_strategy=split,image_contrastive_weight=0.5"
+    metrics = pretrain(
+        output,
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "2",
+        "--max_eval_samples",
+        "16",
+        "--config_overrides",
+        overrides,
+    )
+    config = read_json(output / "config.json")
+    assert (config["masking_strategy"], config["num_masked_patches"], config["image_contrastive_weight"]) == (
+        "split",
+        8,
+        0.5,
+    )
+    logged = [entry for entry in read_json(output / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:  # the loss is the weighted sum of the two terms logged beside it (each rounded to 1e-4)
+        assert entry["loss"] == pytest.approx(
+            entry["patch_selection_loss"] + 0.5 * entry["image_contrastive_loss"], abs=1e-3
+        )
+        assert entry["image_contrastive_loss"] > 0 and 0 <= entry["candidate_accuracy"] <= 1
+    assert 0 <= metrics["eval_candidate_accuracy"] <= 1
+    objective = (
+        "SplitMask split-and-match, halves of 8 and 8 patches filling in each other, plus 0.5 x image-level InfoNCE"
+    )
+    assert config["training_stages"][-1]["objective"] == objective
+    card = (output / "README.md").read_text()
+    assert f"Objective: {objective}." in card and f"Selfie pretraining on sklearn-digits ({objective})" in card
+    assert "- masking_strategy: split" in card and "- image_contrastive_weight: 0.5" in card
+
+
 def test_fine_tuning_on_parquet_with_an_image_feature(tmp_path, parquet_folder):
     output = tmp_path / "classifier"
     metrics = fine_tune(

@@ -228,7 +228,10 @@ def test_top_k_accuracy_metric():
 
 def test_candidate_hits_counts_own_patch_wins():
     logits = torch.tensor([[[2.0, 1.0], [0.0, 3.0]], [[0.0, 1.0], [0.0, 3.0]]])  # image 0: 2 of 2, image 1: 1 of 2
-    assert image_candidate_hits((logits, None), None).tolist() == [1.0, 0.5]
+    assert image_candidate_hits(logits, None).tolist() == [1.0, 0.5]
+    # With the split objective Trainer keeps `logits` and `reverse_logits`: every position of both counts.
+    reverse_logits = torch.tensor([[[0.0, 1.0], [0.0, 3.0]], [[0.0, 1.0], [2.0, 1.0]]])  # 1 of 2, then 0 of 2
+    assert image_candidate_hits((logits, reverse_logits), None).tolist() == [0.75, 0.25]
 
 
 def test_accuracy_metric_works_offline(tmp_path):
