@@ -339,11 +339,11 @@ def test_stages_of_a_later_version_load_and_show_in_the_model_card():
     """Provenance is forward-compatible: a checkpoint written by a later version, with a new kind of stage or a new
     field, loads, and its card names the stage by its fields."""
     stages = [
-        {"task": "pretraining", "dataset": "d", "norm_only": False, "objective": "split"},
+        {"task": "pretraining", "dataset": "d", "norm_only": False, "objective": "split", "crop_scale": 0.3},
         {"task": "distillation", "teacher": "t"},
         {"task": "classification", "dataset": "e"},
     ]
     assert tiny_config(training_stages=stages).training_stages == stages
     assert describe_stages(stages, "resnet18") == (
-        "fresh weights → Selfie pretraining on d → distillation (teacher: t) → fine-tuning on e"
+        "fresh weights → Selfie pretraining on d (split) → distillation (teacher: t) → fine-tuning on e"
     )
