@@ -44,6 +44,21 @@ def fixed_mask(config: SelfieConfig, batch_size: int = 2) -> torch.BoolTensor:
     return random_patch_mask(batch_size, config.num_patches, config.num_masked_patches, generator=generator)
 
 
+def perturbed(model):
+    """`model` with every float tensor moved off its initialisation (seeded), BatchNorm variances kept positive."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.rand(tensor.shape, generator=generator)
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + noise)
+            else:
+                tensor.add_(0.1 * (noise - 0.5))
+    return model
+
+
 # Settings that make the training scripts' models tiny, as a dict (for JSON) and as flags.
 TINY_MODEL = {
     "backbone": "resnet18",

@@ -20,7 +20,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction, SelfieModel
 from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES, SelfieAttentionPooling
-from tests.utils import fixed_mask, tiny_config
+from tests.utils import fixed_mask, perturbed, tiny_config
 
 
 # The four models: the class and what its config sets.
@@ -52,21 +52,6 @@ def build(variant: str, **fields):
     model_class, head_fields = VARIANTS[variant]
     config = tiny_config(**head_fields, **fields)
     return perturbed(model_class(config)), config
-
-
-def perturbed(model):
-    """`model` with every float tensor moved off its initialisation (seeded), BatchNorm variances kept positive."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.rand(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + noise)
-            else:
-                tensor.add_(0.1 * (noise - 0.5))
-    return model
 
 
 def model_inputs(model, config, batch_size: int = 2) -> dict:

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from modeling_selfie import SelfieConfig, SelfieForMaskedPatchPrediction
 from modeling_selfie.losses import ImageContrastiveLoss
-from tests.modeling_selfie.test_conformance import perturbed
-from tests.utils import fixed_mask, images, tiny_config
+from tests.utils import fixed_mask, images, perturbed, tiny_config
 
 
 def split_model(**fields) -> SelfieForMaskedPatchPrediction:
