@@ -6,7 +6,8 @@
 The JSON file names an `output_dir`, the `label_fractions` and `seeds`, and the flags of the runs: `data` for
 every run, `pretraining` for run_pretraining.py (skipped when `pretrained_model` names a checkpoint),
 `finetuning` for every run_image_classification.py run, and `scratch` and `selfie` for one method's runs only (each
-method's own recipe, e.g. `--pretrained_learning_rate` for Selfie). For every fraction and seed, both methods
+method's own recipe, e.g. `--pretrained_learning_rate` for Selfie); a section's flags override the data section's,
+except `config_overrides`, whose fields are added to the data section's. For every fraction and seed, both methods
 fine-tune on the same class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint,
 "scratch" from fresh weights of the same architecture. Every setting and flag is checked before the first run.
 A rerun skips the runs that have finished.
@@ -100,9 +101,21 @@ def flags(settings: dict) -> list[str]:
     return result
 
 
+def merged(*sections: dict) -> dict:
+    """The settings of `sections`, a later one's winning, but for `config_overrides`, which add up: the pretraining
+    section's `masking_strategy=split` adds to the data section's architecture (a later field wins there too)."""
+    result = {}
+    for section in sections:
+        for name, value in section.items():
+            if name == "config_overrides" and name in result:
+                value = f"{result[name]},{value}"
+            result[name] = value
+    return result
+
+
 def pretraining_flags(sweep: Sweep) -> list[str]:
     output_dir = os.path.join(sweep.output_dir, "pretraining")
-    return flags({**sweep.data, **sweep.pretraining, "output_dir": output_dir, "do_train": True, "do_eval": True})
+    return flags(merged(sweep.data, sweep.pretraining, {"output_dir": output_dir, "do_train": True, "do_eval": True}))
 
 
 def pretrain(sweep: Sweep) -> str:
@@ -115,10 +128,8 @@ def pretrain(sweep: Sweep) -> str:
 
 
 def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> list[str]:
-    settings = {
-        **sweep.data,
-        **sweep.finetuning,
-        **getattr(sweep, method),
+    settings = merged(sweep.data, sweep.finetuning, getattr(sweep, method))
+    settings |= {
         "output_dir": run_directory(sweep, method, fraction, seed),
         "seed": seed,
         "label_seed": seed,

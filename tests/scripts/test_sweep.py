@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import run_sweep
+from selfie_training.runner import ModelArguments, build_config
 from tests.utils import REPOSITORY, TINY_MODEL
 
 
@@ -95,3 +96,16 @@ def test_sigterm_ends_a_sweep_with_the_scripts_line_and_status(tmp_path):
         line for line in stderr.splitlines() if line.startswith("run_sweep.py: error: Stopped by SIGTERM at step")
     ]
     assert list((tmp_path / "out" / "pretraining").glob("checkpoint-*"))
+
+
+def test_a_sections_config_overrides_add_to_the_data_sections(tmp_path):
+    sweep = run_sweep.Sweep(
+        output_dir=str(tmp_path), data={"config_overrides": "hidden_size=64,num_hidden_layers=2"},
+        pretraining={"config_overrides": "masking_strategy=split,num_hidden_layers=3"},
+    )  # fmt: skip
+    run_flags = run_sweep.pretraining_flags(sweep)
+    overrides = run_flags[run_flags.index("--config_overrides") + 1]
+    config = build_config(ModelArguments(config_overrides=overrides), "cifar10")
+    assert (config.hidden_size, config.masking_strategy, config.num_hidden_layers) == (64, "split", 3)
+    selfie = run_sweep.fine_tuning_flags(sweep, "PRE", "selfie", 0.05, 0)  # no section of its own: the data's
+    assert selfie[selfie.index("--config_overrides") + 1] == "hidden_size=64,num_hidden_layers=2"
