@@ -7,7 +7,8 @@ The JSON file names an `output_dir`, the `label_fractions` and `seeds`, and the 
 every run, `pretraining` for run_pretraining.py (skipped when `pretrained_model` names a checkpoint),
 `finetuning` for every run_image_classification.py run, and `scratch` and `selfie` for one method's runs only (each
 method's own recipe, e.g. `--pretrained_learning_rate` for Selfie); a section's flags override the data section's,
-except `config_overrides`, whose fields are added to the data section's. For every fraction and seed, both methods
+except `config_overrides`, whose fields are added to the data section's. A file that names a `base` sweep file
+(relative to it) holds only what it changes. For every fraction and seed, both methods
 fine-tune on the same class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint,
 "scratch" from fresh weights of the same architecture. Every setting and flag is checked before the first run.
 A rerun skips the runs that have finished.
@@ -53,21 +54,9 @@ class Sweep:
 
     @classmethod
     def from_json(cls, path: str) -> "Sweep":
-        """The sweep of a JSON file, every setting checked (a one-line ValueError naming the file and setting)."""
-        try:
-            with open(path) as file:
-                settings = json.load(file)
-        except OSError as error:
-            raise UserError(f"{path}: cannot be read ({error.strerror or error}).") from error
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}: not valid JSON ({error}).") from error
-        if not isinstance(settings, dict):
-            raise UserError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
-        unknown = set(settings) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(
-                f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}."
-            )
+        """The sweep of a JSON file, on top of its `base`, every setting checked (a one-line error naming the file
+        and setting)."""
+        settings = read_settings(path)
         if "output_dir" not in settings:
             raise UserError(f"{path}: no output_dir.")
         sweep = cls(**settings)
@@ -81,11 +70,47 @@ class Sweep:
             raise UserError(f"{path}: label_fractions {self.label_fractions!r} must be a list of numbers in (0, 1].")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in _as_list(self.seeds)):
             raise UserError(f"{path}: seeds {self.seeds!r} must be a list of integers.")
-        for name in ("data", "pretraining", "finetuning", "scratch", "selfie"):
+        for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise UserError(f"{path}: {name} must be an object of flags, not {getattr(self, name)!r}.")
         if self.pretrained_model is not None and not isinstance(self.pretrained_model, str):
             raise UserError(f"{path}: pretrained_model {self.pretrained_model!r} must be a string.")
+
+
+SECTIONS = ("data", "pretraining", "finetuning", "scratch", "selfie")
+
+
+def read_settings(path: str, extending: tuple[str, ...] = ()) -> dict:
+    """The settings of a sweep file. One that names a `base` (another sweep file, its path relative to this one)
+    holds only what it changes: its settings replace the base's, and its sections' flags are added to the base's
+    sections (`merged`)."""
+    try:
+        with open(path) as file:
+            settings = json.load(file)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror or error}).") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error}).") from error
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: holds a JSON {type(settings).__name__}, not an object of sweep settings.")
+    unknown = set(settings) - set(Sweep.__dataclass_fields__) - {"base"}
+    if unknown:
+        raise UserError(
+            f"{path}: unknown sweep settings {sorted(unknown)}; known: {sorted(Sweep.__dataclass_fields__)}."
+        )
+    if "base" not in settings:
+        return settings
+    base = settings.pop("base")
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base {base!r} must be the path of a sweep file.")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if os.path.realpath(base_path) in extending:
+        raise UserError(f"{path}: base {base} leads back to {path}.")
+    inherited = read_settings(base_path, (*extending, os.path.realpath(path)))
+    for name in SECTIONS:
+        if isinstance(inherited.get(name), dict) and isinstance(settings.get(name), dict):
+            settings[name] = merged(inherited[name], settings[name])
+    return {**inherited, **settings}
 
 
 def _as_list(value) -> list:

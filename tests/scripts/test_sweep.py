@@ -26,6 +26,8 @@ BAD_SWEEPS = [
     ('[{"output_dir": "OUT"}]', r"holds a JSON list, not an object of sweep settings"),
     ('{"output_dir": "OUT",', r"not valid JSON"),
     ('{"output_dir": "OUT", "finetuning": ["--seed", "1"]}', r"finetuning must be an object of flags"),
+    ('{"output_dir": "OUT", "base": ["a.json"]}', r"base \['a\.json'\] must be the path of a sweep file"),
+    ('{"output_dir": "OUT", "base": "sweep.json"}', r"base sweep\.json leads back to .*sweep\.json"),
     # (argparse takes an unambiguous prefix of a flag as the flag: "num_train_epoch" would be num_train_epochs.)
     (
         '{"output_dir": "OUT", "selfie": {"pretrained_lr": 0.1}}',
@@ -109,3 +111,26 @@ def test_a_sections_config_overrides_add_to_the_data_sections(tmp_path):
     assert (config.hidden_size, config.masking_strategy, config.num_hidden_layers) == (64, "split", 3)
     selfie = run_sweep.fine_tuning_flags(sweep, "PRE", "selfie", 0.05, 0)  # no section of its own: the data's
     assert selfie[selfie.index("--config_overrides") + 1] == "hidden_size=64,num_hidden_layers=2"
+
+
+def test_a_sweep_with_a_base_holds_only_what_it_changes(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps({
+        "output_dir": "BASE", "seeds": [0, 1], "label_fractions": [0.05, 0.2],
+        "data": {"config_overrides": "hidden_size=64", "max_eval_samples": 100},
+        "finetuning": {"learning_rate": 0.003, "label_smoothing_factor": 0.1},
+    }))  # fmt: skip
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "sweep.json").write_text(json.dumps({
+        "base": "../base.json", "output_dir": "VARIANT", "seeds": [0, 1, 2],
+        "data": {"config_overrides": "masking_strategy=split"}, "finetuning": {"label_smoothing_factor": 0.0},
+    }))  # fmt: skip
+    sweep = run_sweep.Sweep.from_json(str(tmp_path / "variants" / "sweep.json"))
+    assert (sweep.output_dir, sweep.seeds, sweep.label_fractions) == ("VARIANT", [0, 1, 2], [0.05, 0.2])
+    assert sweep.data == {"config_overrides": "hidden_size=64,masking_strategy=split", "max_eval_samples": 100}
+    assert sweep.finetuning == {"learning_rate": 0.003, "label_smoothing_factor": 0.0}
+
+
+def test_a_missing_base_is_named(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"base": "none.json", "output_dir": "OUT"}')
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'none.json'}: cannot be read"):
+        run_sweep.Sweep.from_json(str(tmp_path / "sweep.json"))
