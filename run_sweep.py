@@ -153,8 +153,7 @@ def pretrain(sweep: Sweep) -> str:
 
 
 def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> list[str]:
-    settings = merged(sweep.data, sweep.finetuning, getattr(sweep, method))
-    settings |= {
+    this_run = {
         "output_dir": run_directory(sweep, method, fraction, seed),
         "seed": seed,
         "label_seed": seed,
@@ -163,6 +162,7 @@ def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: floa
         # The same architecture either way: the checkpoint's weights, or only its config.
         ("model_name_or_path" if method == "selfie" else "config_name"): pretrained,
     }
+    settings = merged(sweep.data, sweep.finetuning, getattr(sweep, method), this_run)
     if fraction < 1:
         settings["label_fraction"] = fraction
     return flags(settings)
