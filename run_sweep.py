@@ -104,6 +104,10 @@ def read_settings(path: str, extending: tuple[str, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise UserError(f"{path}: base {base!r} must be the path of a sweep file.")
     base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise UserError(
+            f"{path}: base {base} is not a file ({base_path}; a base's path is relative to the file naming it)."
+        )
     if os.path.realpath(base_path) in extending:
         raise UserError(f"{path}: base {base} leads back to {path}.")
     inherited = read_settings(base_path, (*extending, os.path.realpath(path)))

@@ -1,6 +1,7 @@
 """run_sweep.py refuses a bad sweep file in one line before its first run."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -132,5 +133,6 @@ def test_a_sweep_with_a_base_holds_only_what_it_changes(tmp_path):
 
 def test_a_missing_base_is_named(tmp_path):
     (tmp_path / "sweep.json").write_text('{"base": "none.json", "output_dir": "OUT"}')
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'none.json'}: cannot be read"):
+    message = f"{tmp_path / 'sweep.json'}: base none.json is not a file ({tmp_path / 'none.json'};"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         run_sweep.Sweep.from_json(str(tmp_path / "sweep.json"))
