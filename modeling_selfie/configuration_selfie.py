@@ -14,6 +14,7 @@ BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
 POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
 MASKING_STRATEGIES = ("random", "split")
+QUERY_TYPES = ("sum", "mlp")
 # The feature maps of [`SelfieBackbone`]: the stem, stages 1-3 (P) and stage 4 (the `"resnet"` classifier's).
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4")
 DEFAULT_OUT_FEATURES = ("stage3",)  # P's output, which every checkpoint has
@@ -97,6 +98,12 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         position_embedding_type (`str`, *optional*, defaults to `"factorized"`):
             `"factorized"`: learned row and column embeddings, pos(r, c) = row_r + col_c (7 + 7 vectors on a 7x7
             grid, as in the paper). `"full"`: one learned vector per grid cell.
+        query_type (`str`, *optional*, defaults to `"sum"`):
+            How the query of hidden position i is made from the summary u and the position's embedding pos_i. `"sum"`:
+            the paper's u + pos_i. Its scores <u + pos_i, h_j> are linear in u, so u adds one bias per candidate
+            patch, the same for every position: the summary cannot say which hidden patch goes where, and the task
+            rests on what each patch alone says of its place. `"mlp"`: u + pos_i plus a pre-norm MLP of it (width
+            `mlp_ratio` x `hidden_size`), in which the summary and the position interact. Pretraining only.
         score_temperature (`float`, *optional*):
             The temperature of the patch-selection loss: the candidate scores <u + pos_i, h_j> are divided by it. Defaults to `sqrt(hidden_size)`: raw dot
             products of 1024-d vectors diverged within a few steps in our experiments. `1.0` gives the raw scores.
@@ -174,6 +181,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     attention_probs_dropout_prob: float = 0.0
     layer_norm_eps: float = 1e-6
     position_embedding_type: str = "factorized"
+    query_type: str = "sum"
     score_temperature: float | None = None
     image_contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
@@ -234,6 +242,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
         _check_choice("masking_strategy", self.masking_strategy, MASKING_STRATEGIES)
+        _check_choice("query_type", self.query_type, QUERY_TYPES)
         for name in (
             "num_channels",
             "patch_size",

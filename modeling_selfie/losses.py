@@ -10,29 +10,25 @@ from torch import nn
 class PatchSelectionLoss(nn.Module):
     """Cross-entropy of choosing, for every hidden position i, its own patch among the image's hidden patches.
 
-    The query of position i is u + pos_i (the summary of the visible patches plus the position's embedding); hidden
-    patch j scores <u + pos_i, h_j> / temperature. Every hidden position of the batch is scored in one batched matrix
-    product.
+    Hidden patch j scores <v_i, h_j> / temperature against the query v_i of position i (the paper's v_i = u + pos_i,
+    the summary of the visible patches plus the position's embedding, or what [`SelfieQueries`] makes of them). Every
+    hidden position of the batch is scored in one batched matrix product.
     """
 
     def __init__(self, temperature: float):
         super().__init__()
         self.temperature = temperature
 
-    def forward(
-        self, summary: torch.Tensor, position_embeddings: torch.Tensor, candidates: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            summary: `(batch, dim)`, u.
-            position_embeddings: `(batch, k, dim)`, pos_i of the k hidden positions of each image.
+            queries: `(batch, k, dim)`, v_i of the k hidden positions of each image.
             candidates: `(batch, k, dim)`, the vectors of the same k hidden patches, in the same order.
 
         Returns:
             The mean loss, and the `(batch, k, k)` logits: `logits[b, i, j]` scores patch j for position i, whose right
             answer is j = i.
         """
-        queries = summary.unsqueeze(1) + position_embeddings
         logits = queries @ candidates.transpose(1, 2) / self.temperature
         targets = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[:2])
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits

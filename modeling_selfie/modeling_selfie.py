@@ -10,7 +10,7 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import BlurPool2d, LayerNorm2d
+from timm.layers import BlurPool2d, LayerNorm2d, Mlp
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -507,10 +507,35 @@ class SelfieImageContrastiveHead(nn.Module):
         return self.loss(self.projection(first_summary), self.projection(second_summary))
 
 
+class SelfieQueries(nn.Module):
+    """The query v_i of every hidden position i, from the summary u and the position's embedding pos_i.
+
+    `query_type="sum"` is the paper's v_i = u + pos_i. Its scores are linear in u: <u, h_j> is one bias per candidate
+    patch, the same for every position, so the summary cannot say which hidden patch goes where, only how likely each
+    is at all; the assignment rests on <pos_i, h_j>, what a patch alone says of its place in the image. `"mlp"` adds
+    a pre-norm MLP (a Transformer layer's MLP sub-layer) in which the summary and the position interact:
+    v_i = u + pos_i + MLP(LN(u + pos_i)).
+    """
+
+    def __init__(self, config: SelfieConfig):
+        super().__init__()
+        self.mlp = None
+        if config.query_type == "mlp":
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+                Mlp(config.hidden_size, int(config.hidden_size * config.mlp_ratio)),
+            )
+
+    def forward(self, summary: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
+        """`(batch, dim)` summaries and `(batch, k, dim)` position embeddings -> `(batch, k, dim)` queries."""
+        queries = summary.unsqueeze(1) + position_embeddings
+        return queries if self.mlp is None else queries + self.mlp(queries)
+
+
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     """
     Selfie pretraining: the summary u of the visible patches must pick, for every hidden position, its own patch out
-    of the image's hidden patches ([`PatchSelectionLoss`]). With `masking_strategy="split"` (SplitMask's
+    of the image's hidden patches ([`SelfieQueries`] make each position's query, [`PatchSelectionLoss`] scores them). With `masking_strategy="split"` (SplitMask's
     split-and-match) the hidden half is summarised too, and its summary fills in the visible half the same way; with
     `image_contrastive_weight > 0` the two summaries of an image must also pick each other out of the batch
     ([`SelfieImageContrastiveHead`]).
@@ -521,6 +546,7 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         self.selfie = SelfieModel(config)
         # sqrt(hidden_size) by default: raw dot products of 1024-d vectors diverged within a few steps.
         temperature = config.score_temperature if config.score_temperature is not None else config.hidden_size**0.5
+        self.queries = SelfieQueries(config)
         self.patch_selection_loss = PatchSelectionLoss(temperature)
         self.image_contrastive = SelfieImageContrastiveHead(config) if config.image_contrastive_weight > 0 else None
         self.post_init()
@@ -578,9 +604,8 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
 
     def _fill_in(self, summary: torch.Tensor, patch_embeddings: torch.Tensor, positions: torch.Tensor) -> tuple:
         """The patch-selection loss and logits of `summary` filling in the patches at `positions`."""
-        return self.patch_selection_loss(
-            summary, self.selfie.position_embeddings()[positions], _gather_patches(patch_embeddings, positions)
-        )
+        queries = self.queries(summary, self.selfie.position_embeddings()[positions])
+        return self.patch_selection_loss(queries, _gather_patches(patch_embeddings, positions))
 
 
 class SelfieForImageClassification(SelfiePreTrainedModel):

@@ -164,7 +164,11 @@ def write_model_card(
     hyperparameters = extract_hyperparameters_from_trainer(trainer)
     hyperparameters.update(backbone=config.backbone, image_size=config.image_size, patch_size=config.patch_size)
     if task == "pretraining":
-        hyperparameters.update(masking_strategy=config.masking_strategy, num_masked_patches=config.num_masked_patches)
+        hyperparameters.update(
+            masking_strategy=config.masking_strategy,
+            num_masked_patches=config.num_masked_patches,
+            query_type=config.query_type,
+        )
         if config.image_contrastive_weight > 0:
             hyperparameters.update(
                 image_contrastive_weight=config.image_contrastive_weight,
@@ -315,6 +319,8 @@ def describe_objective(config) -> str:
         objective = f"SplitMask split-and-match, halves of {total - hidden} and {hidden} patches filling in each other"
     else:
         objective = f"Selfie patch selection, {hidden} of {total} patches hidden at random"
+    if config.query_type == "mlp":
+        objective += ", queries through an MLP"
     if config.image_contrastive_weight > 0:
         objective += f", plus {config.image_contrastive_weight} x image-level InfoNCE"
     return objective

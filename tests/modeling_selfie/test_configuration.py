@@ -15,6 +15,7 @@ from tests.utils import tiny_config
         ("stem", "tiny"),
         ("backbone_norm", "instancenorm"),
         ("position_embedding_type", "sinusoidal"),
+        ("query_type", "concat"),
         ("classifier_head", "mlp"),
         ("num_channels", 0),
         ("patch_size", 0),

@@ -11,6 +11,7 @@ from modeling_selfie import (
     SelfieModel,
     random_patch_mask,
 )
+from modeling_selfie.modeling_selfie import SelfieQueries
 from tests.utils import fixed_mask, images, tiny_config
 
 
@@ -76,9 +77,9 @@ def position_table(embeddings) -> torch.Tensor:
     return torch.stack([rows[r] + columns[c] for r in range(len(rows)) for c in range(len(columns))])
 
 
-@pytest.mark.parametrize("temperature", [None, 1.0])
-def test_loss_equals_a_plain_per_image_loop(temperature):
-    config = tiny_config(score_temperature=temperature)
+@pytest.mark.parametrize(("temperature", "query_type"), [(None, "sum"), (1.0, "sum"), (None, "mlp")])
+def test_loss_equals_a_plain_per_image_loop(temperature, query_type):
+    config = tiny_config(score_temperature=temperature, query_type=query_type)
     model = SelfieForMaskedPatchPrediction(config).eval()
     pixel_values, mask = images(config), fixed_mask(config)
     output = model(pixel_values, bool_masked_pos=mask)
@@ -91,13 +92,34 @@ def test_loss_equals_a_plain_per_image_loop(temperature):
         hidden = [i for i in range(config.num_patches) if mask[b, i]]
         h, u = encoded.patch_embeddings[b], encoded.pooler_output[b]
         for row, position in enumerate(hidden):
-            scores = torch.stack([torch.dot(u + positions[position], h[j]) for j in hidden]) / scale
+            query = u + positions[position]
+            if query_type == "mlp":
+                query = query + model.queries.mlp(query)
+            scores = torch.stack([torch.dot(query, h[j]) for j in hidden]) / scale
             torch.testing.assert_close(output.logits[b, row], scores, rtol=1e-5, atol=1e-5)
             losses.append(-torch.log_softmax(scores, dim=0)[row])
             correct += int(scores.argmax() == row)
 
     torch.testing.assert_close(output.loss, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
     assert output.accuracy.item() == pytest.approx(correct / len(losses))
+
+
+@pytest.mark.parametrize("query_type", ["sum", "mlp"])
+def test_only_mlp_queries_let_the_summary_say_which_patch_goes_where(query_type):
+    # With u + pos_i, a change of u moves every position's score of patch j by the same <u' - u, h_j>: a bias per
+    # candidate, whatever the position. Through the MLP the change depends on the position too.
+    queries = SelfieQueries(tiny_config(query_type=query_type, hidden_size=16, num_attention_heads=2))
+    generator = torch.Generator().manual_seed(0)
+    for parameter in queries.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    summary, other_summary = torch.randn(2, 3, 16, generator=generator)
+    positions, candidates = torch.randn(2, 3, 4, 16, generator=generator)
+    change = (queries(other_summary, positions) - queries(summary, positions)) @ candidates.transpose(1, 2)
+    across_positions = (change - change[:, :1]).abs().max().item()
+    if query_type == "sum":
+        assert across_positions < 1e-4
+    else:
+        assert across_positions > 1.0
 
 
 def test_summary_is_attention_pooling_over_the_visible_patches_alone():
@@ -153,7 +175,7 @@ def test_batchnorm_in_training_mode_mixes_hidden_patches_into_the_summary():
 
 @pytest.mark.parametrize("positions", ["factorized", "full"])
 def test_gradients_reach_every_part(positions):
-    config = tiny_config(position_embedding_type=positions, hidden_size=48, num_attention_heads=4)
+    config = tiny_config(position_embedding_type=positions, hidden_size=48, num_attention_heads=4, query_type="mlp")
     model = SelfieForMaskedPatchPrediction(config)
     model(images(config), bool_masked_pos=fixed_mask(config)).loss.backward()
     selfie = model.selfie
@@ -166,6 +188,7 @@ def test_gradients_reach_every_part(positions):
         "projection": selfie.patch_projection.weight,  # P's 128 channels -> 48
         "A": selfie.attention_pooling.layers[0].attn.qkv.weight,
         "u0": selfie.attention_pooling.summary_token,
+        "query MLP": model.queries.mlp[1].fc2.weight,
         **{f"position {name}": parameter for name, parameter in selfie.position_embeddings.named_parameters()},
     }
     for name, parameter in parts.items():
