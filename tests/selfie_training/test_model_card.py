@@ -10,9 +10,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import TrainingArguments
 
 import run_evaluation
-from modeling_selfie import SelfieForImageClassification
+from modeling_selfie import SelfieConfig, SelfieForImageClassification
 from selfie_training.data import RandomStream
 from selfie_training.model_card import (
+    describe_objective,
     hub_dataset_id,
     hub_model_id,
     is_hub_id,
@@ -209,3 +210,17 @@ def test_hub_dataset_and_base_model_of_a_run_from_the_hub(tmp_path, do_train):
     else:
         assert card.data.datasets is None and card.data.base_model is None
         assert "started from" not in card.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "objective"),
+    [
+        ({}, "Selfie patch selection, 4 of 16 patches hidden at random"),
+        (
+            {"masking_strategy": "split", "query_type": "mlp"},
+            "SplitMask split-and-match, halves of 8 and 8 patches filling in each other, queries through an MLP",
+        ),
+    ],
+)
+def test_the_objective_is_named_with_every_field_that_changes_it(fields, objective):
+    assert describe_objective(SelfieConfig.from_preset("cifar10", **fields)) == objective
