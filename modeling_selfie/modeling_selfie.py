@@ -535,8 +535,9 @@ class SelfieQueries(nn.Module):
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     """
     Selfie pretraining: the summary u of the visible patches must pick, for every hidden position, its own patch out
-    of the image's hidden patches ([`SelfieQueries`] make each position's query, [`PatchSelectionLoss`] scores them). With `masking_strategy="split"` (SplitMask's
-    split-and-match) the hidden half is summarised too, and its summary fills in the visible half the same way; with
+    of the image's hidden patches ([`SelfieQueries`] make each position's query, [`PatchSelectionLoss`] scores the
+    candidates against it). With `masking_strategy="split"` (SplitMask's split-and-match) the hidden half is
+    summarised too, and its summary fills in the visible half the same way; with
     `image_contrastive_weight > 0` the two summaries of an image must also pick each other out of the batch
     ([`SelfieImageContrastiveHead`]).
     """
