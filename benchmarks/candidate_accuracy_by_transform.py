@@ -41,37 +41,50 @@ def candidate_accuracy(model, dataset, batch_norm_on_batch: bool, batch_size: in
     return correct / total
 
 
-def main():
+def load_checkpoint(checkpoint: str, dataset_name: str, max_eval_samples: int = 2000) -> tuple:
+    """A pretraining checkpoint, its image processor, and the training scripts' splits (--max_eval_samples held out
+    with --split_seed 0)."""
+    model = SelfieForMaskedPatchPrediction.from_pretrained(checkpoint)
+    processor = load_image_processor(ModelArguments(model_name_or_path=checkpoint), "cifar10", model.config)
+    splits = load_splits(DataArguments(dataset_name=dataset_name, max_eval_samples=max_eval_samples))
+    return model, processor, splits
+
+
+def masked_images(images, transform, config):
+    """`images` under `transform`, with masks drawn from seed 0: every scoring of the same images sees the same masks."""
+    masks = (config.num_patches, config.num_masked_patches)
+    return with_image_transform(images, transform, find_image_column(images), stream=RandomStream(0), mask_sizes=masks)
+
+
+def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--dataset_name", required=True)
     parser.add_argument("--samples", type=int, default=2000)
-    args = parser.parse_args()
-    model = SelfieForMaskedPatchPrediction.from_pretrained(args.checkpoint)
-    config = model.config
-    # Weights loaded as they are: BatchNorm switched to batch statistics updates running ones, so reload each time.
-    processor = load_image_processor(ModelArguments(model_name_or_path=args.checkpoint), "cifar10", config)
-    splits = load_splits(DataArguments(dataset_name=args.dataset_name, max_eval_samples=2000))
+    parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
+    args = parser.parse_args(argv)
+    _, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
     transforms = {
         "training (borderless)": image_transform(processor, train=True, borderless=True),
         "training (padded)": image_transform(processor, train=True),
         "evaluation": image_transform(processor, train=False),
     }
-    masks = (config.num_patches, config.num_masked_patches)
+    accuracies = {}
     for split_name, split in splits.items():
         images = split.select(range(min(args.samples, len(split))))
-        column = find_image_column(images)
         for transform_name, transform in transforms.items():
             for on_batch in (False, True):
+                # BatchNorm switched to batch statistics updates the running ones, so every scoring reloads the weights.
                 model = SelfieForMaskedPatchPrediction.from_pretrained(args.checkpoint)
-                dataset = with_image_transform(images, transform, column, stream=RandomStream(0), mask_sizes=masks)
-                accuracy = candidate_accuracy(model, dataset, on_batch)
+                accuracy = candidate_accuracy(model, masked_images(images, transform, model.config), on_batch)
+                accuracies[split_name, transform_name, on_batch] = accuracy
                 statistics = "the batch's" if on_batch else "running"
                 print(
                     f"{split_name} images, {transform_name} transform, BatchNorm on {statistics} statistics: "
                     f"candidate accuracy {accuracy:.3f}",
                     flush=True,
                 )
+    return accuracies
 
 
 if __name__ == "__main__":

@@ -13,18 +13,9 @@ masks drawn from seed 0 and BatchNorm on its running statistics. Used for docs/c
 
 import argparse
 
-from candidate_accuracy_by_transform import candidate_accuracy
+from candidate_accuracy_by_transform import candidate_accuracy, load_checkpoint, masked_images
 
-from modeling_selfie import SelfieForMaskedPatchPrediction
-from selfie_training.data import (
-    DataArguments,
-    RandomStream,
-    find_image_column,
-    image_transform,
-    load_splits,
-    with_image_transform,
-)
-from selfie_training.runner import ModelArguments, load_image_processor
+from selfie_training.data import image_transform
 
 
 SUMMARIES = {
@@ -46,21 +37,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
     args = parser.parse_args(argv)
-    model = SelfieForMaskedPatchPrediction.from_pretrained(args.checkpoint)
-    config = model.config
-    processor = load_image_processor(ModelArguments(model_name_or_path=args.checkpoint), "cifar10", config)
-    validation = load_splits(DataArguments(dataset_name=args.dataset_name, max_eval_samples=args.max_eval_samples))[
-        "validation"
-    ]
-    images = validation.select(range(min(args.samples, len(validation))))
+    model, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
+    images = splits["validation"].select(range(min(args.samples, len(splits["validation"]))))
     transform = image_transform(processor, train=False)
-    masks = (config.num_patches, config.num_masked_patches)
-    column = find_image_column(images)
     accuracies = {}
     for name, change in SUMMARIES.items():
         hook = model.queries.register_forward_pre_hook(swapping_the_summary(change))
-        dataset = with_image_transform(images, transform, column, stream=RandomStream(0), mask_sizes=masks)
-        accuracy = candidate_accuracy(model, dataset, batch_norm_on_batch=False)
+        accuracy = candidate_accuracy(model, masked_images(images, transform, model.config), batch_norm_on_batch=False)
         hook.remove()
         accuracies[name] = accuracy
         print(f"summary {name}: validation candidate accuracy {accuracy:.3f}", flush=True)
