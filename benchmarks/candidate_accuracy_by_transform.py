@@ -10,6 +10,7 @@ each are scored, with masks drawn from seed 0. Used for docs/cifar10-cpu-ablatio
 """
 
 import argparse
+import copy
 
 import torch
 from torch.utils.data import DataLoader
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
     args = parser.parse_args(argv)
-    _, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
+    pretrained, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
     transforms = {
         "training (borderless)": image_transform(processor, train=True, borderless=True),
         "training (padded)": image_transform(processor, train=True),
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
         images = split.select(range(min(args.samples, len(split))))
         for transform_name, transform in transforms.items():
             for on_batch in (False, True):
-                # BatchNorm switched to batch statistics updates the running ones, so every scoring reloads the weights.
-                model = SelfieForMaskedPatchPrediction.from_pretrained(args.checkpoint)
+                # BatchNorm switched to batch statistics updates the running ones, so every scoring gets a fresh copy.
+                model = copy.deepcopy(pretrained)
                 accuracy = candidate_accuracy(model, masked_images(images, transform, model.config), on_batch)
                 accuracies[split_name, transform_name, on_batch] = accuracy
                 statistics = "the batch's" if on_batch else "running"
