@@ -36,6 +36,7 @@ from selfie_training.evaluation import (
     knn_accuracy,
     labelled_images,
     linear_probe_accuracy,
+    recalibrate_batchnorm,
 )
 from selfie_training.model_card import frozen_feature_results, set_frozen_feature_results, set_section
 from selfie_training.runner import (
@@ -69,6 +70,14 @@ class EvaluationArguments(KNNArguments):
         },
     )
     probe_max_iterations: int = field(default=1000, metadata={"help": "Linear probe: at most this many L-BFGS steps."})
+    recalibrate_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Before extracting features, re-estimate P's BatchNorm statistics on the training images (whole "
+            "images under the evaluation transform, labels unread). A pretraining checkpoint's statistics describe "
+            "patches; the random-init baseline's are those of initialisation. Off: the statistics as saved."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,19 +108,25 @@ def main(args: list[str] | None = None) -> dict:
     model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
 
     start = time.perf_counter()
+    train_images, validation_images = (
+        labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)
+    )
+    loading = {
+        "batch_size": training_args.per_device_eval_batch_size,
+        "num_workers": training_args.dataloader_num_workers,
+    }
+    if eval_args.recalibrate_batchnorm:
+        layers = recalibrate_batchnorm(model, train_images, **loading)
+        logger.info("Re-estimated the statistics of %d BatchNorm layers on %d images.", layers, len(train_images))
     train_features, test_features = (
-        extract_features(
-            model,
-            labelled_images(split, image_processor, image_column, label_column),
-            batch_size=training_args.per_device_eval_batch_size,
-            num_workers=training_args.dataloader_num_workers,
-        ).to(training_args.device)
-        for split in (train, validation)
+        extract_features(model, images, **loading).to(training_args.device)
+        for images in (train_images, validation_images)
     )
     for split, features in (("training", train_features), ("validation", test_features)):
         check_finite(features.features, split, model_args)
     results = evaluate(train_features, test_features, len(names), eval_args)
     results.update(
+        batchnorm_recalibrated=eval_args.recalibrate_batchnorm,
         train_samples=len(train_features.labels),
         eval_samples=len(test_features.labels),
         eval_runtime=round(time.perf_counter() - start, 2),
@@ -187,6 +202,7 @@ def results_markdown(
         "linear_probe": f"linear probe (L-BFGS, weight decay {args.probe_weight_decay:g})",
     }
     subset = f", {subset_args.describe().lower()}" if subset_args.selects_subset else ""
+    recalibrated = ", its BatchNorm statistics re-estimated on those images" if args.recalibrate_batchnorm else ""
     rows = [
         f"| {names[protocol]} | {_percent(results[f'{protocol}_top1'])} | {_percent(results.get(f'{protocol}_top5'))} |"
         for protocol in args.protocols
@@ -198,7 +214,8 @@ def results_markdown(
             *rows,
             "",
             f"Accuracy (%) on {results['eval_samples']} validation images of {source}, from the frozen patch network: "
-            "its stage-3 feature map of the whole image, average-pooled. Memory bank and probe training set: "
+            "its stage-3 feature map of the whole image, average-pooled"
+            f"{recalibrated}. Memory bank and probe training set: "
             f"{results['train_samples']} labelled training images{subset}. Written by run_evaluation.py.",
         ]
     )

@@ -64,6 +64,34 @@ def labelled_images(dataset, image_processor, image_column: str, label_column: s
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model, dataset, batch_size: int = 256, num_workers: int = 0) -> int:
+    """Re-estimate the running statistics of P's BatchNorm layers on the whole images of `dataset` (from
+    `labelled_images`; labels unread): each layer's plain average over every batch. A pretraining checkpoint's
+    statistics were gathered on patches, and whole images, which the frozen-feature evaluation reads, are another
+    input. The model's mode is restored after. Returns the number of layers re-estimated (0 for a per-sample norm)."""
+    encoder = getattr(model, "selfie", model)
+    norms = [module for module in encoder.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    parameter = next(model.parameters())
+    momenta, was_training = [norm.momentum for norm in norms], model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    model.train()
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
+        for batch in loader:
+            if len(batch["pixel_values"]):
+                encoder.feature_map(batch["pixel_values"].to(parameter.device, parameter.dtype))
+    finally:
+        model.train(was_training)
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+    return len(norms)
+
+
+@torch.no_grad()
 def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0) -> LabelledFeatures:
     """The pooled stage-3 features (on the CPU, float32) and labels of every readable image of `dataset` (from
     `labelled_images`), read batch by batch with the model in eval mode; the model's mode is restored after.

@@ -26,6 +26,7 @@ from selfie_training.evaluation import (
     knn_accuracy,
     labelled_images,
     linear_probe_accuracy,
+    recalibrate_batchnorm,
 )
 from tests.utils import (
     QUIET_FLAGS,
@@ -140,6 +141,38 @@ def test_features_are_pooled_stage3_maps_extracted_in_batches(model_class):
         expected = encoder.eval().feature_map(pixel_values).mean(dim=(2, 3))
     assert extracted.features.shape == (12, 128)  # P's width: 32 channels x 4 (bottleneck)
     torch.testing.assert_close(extracted.features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_recalibration_takes_the_statistics_of_the_images_and_restores_the_rest():
+    model = SelfieForMaskedPatchPrediction(tiny_config()).eval()
+    encoder = model.selfie
+    norms = [module for module in encoder.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
+    pixel_values = torch.stack([example["pixel_values"] for example in dataset])
+    with torch.no_grad():
+        stem_output = encoder.patch_network.conv1(pixel_values)
+    before = extract_features(model, dataset).features
+
+    # One batch of all 12 images: the statistics are exactly theirs (a cumulative average of one batch).
+    assert recalibrate_batchnorm(model, dataset, batch_size=12) == len(norms)
+
+    stem_norm = encoder.patch_network.bn1
+    torch.testing.assert_close(stem_norm.running_mean, stem_output.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        stem_norm.running_var, stem_output.transpose(0, 1).flatten(1).var(dim=1), rtol=1e-4, atol=1e-5
+    )
+    assert all(norm.momentum == 0.1 and norm.num_batches_tracked.item() == 1 for norm in norms)
+    assert not model.training
+    after = extract_features(model, dataset).features
+    assert not torch.allclose(before, after, atol=1e-3)  # fresh weights' statistics (0 and 1) were not the images'
+
+
+def test_batchnorm_recalibration_leaves_a_per_sample_norm_alone():
+    model = SelfieModel(tiny_config(backbone_norm="groupnorm"))
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
+    assert recalibrate_batchnorm(model, dataset) == 0
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
 
 
 def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
@@ -299,6 +332,22 @@ def test_random_init_baseline_is_seeded_and_leaves_the_card_alone(tmp_path, pret
     assert "linear_probe_top1" not in runs[0]
     with open(f"{pretrained}/README.md") as file:
         assert file.read() == card
+
+
+def test_evaluation_with_recalibrated_batchnorm_says_so_and_leaves_the_checkpoint_alone(tmp_path, pretrained):
+    weights = (pretrained / "model.safetensors").read_bytes()
+    plain = evaluate(tmp_path / "plain", "--model_name_or_path", str(pretrained), "--protocols", "knn")
+    recalibrated = evaluate(
+        tmp_path / "recalibrated",
+        "--model_name_or_path",
+        str(pretrained),
+        "--protocols",
+        "knn",
+        "--recalibrate_batchnorm",
+    )
+    assert (plain["batchnorm_recalibrated"], recalibrated["batchnorm_recalibrated"]) == (False, True)
+    assert (pretrained / "model.safetensors").read_bytes() == weights
+    assert "its BatchNorm statistics re-estimated on those images" in (pretrained / "README.md").read_text()
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
