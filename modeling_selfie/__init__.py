@@ -10,7 +10,7 @@ import transformers
 from .backbone_selfie import SelfieBackbone
 from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, STAGE_NAMES, SelfieConfig
 from .image_processing_selfie import preset_image_processor
-from .losses import BatchPatchSelectionLoss, ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
+from .losses import ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
 from .modeling_selfie import (
     AUTO_CLASSES,
     SelfieForImageClassification,
@@ -31,7 +31,6 @@ transformers.AutoBackbone.register(SelfieConfig, SelfieBackbone)
 SelfieBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
-    "BatchPatchSelectionLoss",
     "CLASSIFIER_HEADS",
     "ImageContrastiveLoss",
     "PRESETS",

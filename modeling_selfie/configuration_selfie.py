@@ -15,7 +15,6 @@ POSITION_EMBEDDING_TYPES = ("factorized", "full")
 CLASSIFIER_HEADS = ("resnet", "attention_pooling")
 MASKING_STRATEGIES = ("random", "split")
 QUERY_TYPES = ("sum", "mlp")
-CANDIDATE_POOLS = ("image", "batch")
 # The feature maps of [`SelfieBackbone`]: the stem, stages 1-3 (P) and stage 4 (the `"resnet"` classifier's).
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4")
 DEFAULT_OUT_FEATURES = ("stage3",)  # P's output, which every checkpoint has
@@ -107,11 +106,6 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
             `mlp_ratio` x `hidden_size`), in which the summary and the position interact. Pretraining only. On the
             CPU-scaled CIFAR-10 network the MLP doubled the validation candidate accuracy (32.5 to 65% of 8) and lowered
             fine-tuning on 5% of the labels by 2 points (`docs/cifar10-cpu-ablation.md`).
-        candidate_pool (`str`, *optional*, defaults to `"image"`):
-            The candidates each hidden position picks its patch from. `"image"`: the image's own hidden patches, the
-            paper's. `"batch"`: every hidden patch of the (global) batch, as in CPC, so that a patch must also be told
-            from the patches of other images, by what it shows and not only by where it lies. The candidate accuracy
-            reported is over the image's own candidates with either pool. Pretraining only.
         score_temperature (`float`, *optional*):
             The temperature of the patch-selection loss: the candidate scores <v_i, h_j> are divided by it. Defaults
             to `sqrt(hidden_size)`: raw dot products of 1024-d vectors diverged within a few steps in our
@@ -191,7 +185,6 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     position_embedding_type: str = "factorized"
     query_type: str = "sum"
-    candidate_pool: str = "image"
     score_temperature: float | None = None
     image_contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
@@ -253,7 +246,6 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         _check_choice("classifier_head", self.classifier_head, CLASSIFIER_HEADS)
         _check_choice("masking_strategy", self.masking_strategy, MASKING_STRATEGIES)
         _check_choice("query_type", self.query_type, QUERY_TYPES)
-        _check_choice("candidate_pool", self.candidate_pool, CANDIDATE_POOLS)
         for name in (
             "num_channels",
             "patch_size",

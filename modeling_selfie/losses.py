@@ -1,7 +1,6 @@
 """Selfie's objectives, each a small module of its own: for every hidden position, pick its own patch out of the
-hidden patches of the same image (`PatchSelectionLoss`, the paper's) or of the whole batch
-(`BatchPatchSelectionLoss`); and SplitMask's image-level InfoNCE between two descriptors of every image
-(`ImageContrastiveLoss`)."""
+hidden patches of the same image (`PatchSelectionLoss`); and SplitMask's image-level InfoNCE between two
+descriptors of every image (`ImageContrastiveLoss`)."""
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +32,6 @@ class PatchSelectionLoss(nn.Module):
         logits = queries @ candidates.transpose(1, 2) / self.temperature
         targets = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[:2])
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
-
-
-class BatchPatchSelectionLoss(PatchSelectionLoss):
-    """[`PatchSelectionLoss`] with every hidden patch of the (global) batch as a candidate, as in CPC: the other
-    images' hidden patches join the image's own as distractors. Among its own image's patches, a patch can be placed
-    by what it says of its place alone; against the same place in other images, only by what it shows.
-
-    The loss is the cross-entropy over all the batch's candidates; the logits returned are those of the image's own
-    candidates, `(batch, k, k)` as [`PatchSelectionLoss`] returns them, so that the candidate accuracy keeps the
-    paper's meaning. Under several processes the candidates of the whole global batch are gathered with their
-    gradients, as [`ImageContrastiveLoss`] gathers its negatives.
-    """
-
-    def forward(self, queries: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, k = queries.shape[:2]
-        own = candidates.flatten(0, 1)
-        logits = queries @ gather_with_gradients(own).T / self.temperature  # (batch, k, global batch x k)
-        # Candidate j of image b is row b * k + j of this process's candidates, after the earlier processes' rows.
-        own_rows = _rank_offset(own) + torch.arange(batch * k, device=logits.device).view(batch, k)
-        loss = F.cross_entropy(logits.flatten(0, 1), own_rows.flatten())
-        return loss, logits.gather(2, own_rows[:, None, :].expand(batch, k, k))
 
 
 def candidate_hits(*logits: torch.Tensor) -> torch.Tensor:

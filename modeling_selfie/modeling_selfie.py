@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_selfie import SelfieConfig
-from .losses import BatchPatchSelectionLoss, ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
+from .losses import ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
 
 
 @dataclass
@@ -532,10 +532,6 @@ class SelfieQueries(nn.Module):
         return queries if self.mlp is None else queries + self.mlp(queries)
 
 
-# The patch-selection loss of each `candidate_pool`.
-PATCH_SELECTION_LOSSES = {"image": PatchSelectionLoss, "batch": BatchPatchSelectionLoss}
-
-
 class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     """
     Selfie pretraining: the summary u of the visible patches must pick, for every hidden position, its own patch out
@@ -552,7 +548,7 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
         # sqrt(hidden_size) by default: raw dot products of 1024-d vectors diverged within a few steps.
         temperature = config.score_temperature if config.score_temperature is not None else config.hidden_size**0.5
         self.queries = SelfieQueries(config)
-        self.patch_selection_loss = PATCH_SELECTION_LOSSES[config.candidate_pool](temperature)
+        self.patch_selection_loss = PatchSelectionLoss(temperature)
         self.image_contrastive = SelfieImageContrastiveHead(config) if config.image_contrastive_weight > 0 else None
         self.post_init()
 

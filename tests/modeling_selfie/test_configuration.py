@@ -16,7 +16,6 @@ from tests.utils import tiny_config
         ("backbone_norm", "instancenorm"),
         ("position_embedding_type", "sinusoidal"),
         ("query_type", "concat"),
-        ("candidate_pool", "dataset"),
         ("classifier_head", "mlp"),
         ("num_channels", 0),
         ("patch_size", 0),

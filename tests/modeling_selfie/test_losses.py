@@ -3,9 +3,9 @@ import socket
 
 import pytest
 import torch
-from torch import nn
 
-from modeling_selfie import BatchPatchSelectionLoss, ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
+from modeling_selfie import PatchSelectionLoss, candidate_hits
+from modeling_selfie.losses import ImageContrastiveLoss
 
 
 def test_patch_selection_loss_against_a_hand_computed_value():
@@ -30,33 +30,6 @@ def test_patch_selection_loss_matches_a_plain_loop_over_images_and_positions():
             assert torch.allclose(logits[b, i], scores, atol=1e-5)
             losses.append(-scores.log_softmax(0)[i])
     assert loss.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
-
-
-def test_batch_patch_selection_loss_matches_a_plain_loop_over_every_candidate_of_the_batch():
-    generator = torch.Generator().manual_seed(0)
-    queries, candidates = (torch.randn(3, 4, 8, generator=generator) for _ in range(2))
-    loss, logits = BatchPatchSelectionLoss(temperature=0.5)(queries, candidates)
-    every_candidate = candidates.flatten(0, 1)
-    losses = []
-    for b in range(3):
-        for i in range(4):
-            scores = torch.stack([queries[b, i] @ candidate / 0.5 for candidate in every_candidate])
-            losses.append(-scores.log_softmax(0)[b * 4 + i])
-            # The logits returned are those of the image's own candidates, as the image pool returns them.
-            torch.testing.assert_close(logits[b, i], scores[b * 4 : b * 4 + 4], rtol=1e-5, atol=1e-5)
-    assert loss.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
-    image_loss, image_logits = PatchSelectionLoss(temperature=0.5)(queries, candidates)
-    torch.testing.assert_close(logits, image_logits)
-    assert loss.item() > image_loss.item()  # more distractors, never an easier choice
-
-
-def test_batch_patch_selection_loss_of_one_image_is_the_image_pools():
-    generator = torch.Generator().manual_seed(0)
-    queries, candidates = (torch.randn(1, 4, 8, generator=generator) for _ in range(2))
-    batch_loss, batch_logits = BatchPatchSelectionLoss(temperature=0.5)(queries, candidates)
-    image_loss, image_logits = PatchSelectionLoss(temperature=0.5)(queries, candidates)
-    assert batch_loss.item() == pytest.approx(image_loss.item(), rel=1e-6)
-    torch.testing.assert_close(batch_logits, image_logits)
 
 
 def test_candidate_hits_is_each_images_share_of_positions_won_by_their_own_patch():
@@ -94,37 +67,27 @@ def test_image_contrastive_loss_ignores_descriptor_norms():
     assert loss(first, second).item() == pytest.approx(loss(3 * first, 0.5 * second).item(), rel=1e-5)
 
 
-def _loss_value(loss: nn.Module, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    output = loss(first, second)
-    return output[0] if isinstance(output, tuple) else output  # the patch-selection losses also return logits
-
-
-def _two_process_losses(rank: int, port: int, loss: nn.Module, first: torch.Tensor, second: torch.Tensor, results):
+def _two_process_losses(rank: int, port: int, first: torch.Tensor, second: torch.Tensor, results):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         half = first.shape[0] // 2
         mine = slice(rank * half, (rank + 1) * half)
-        local_first, local_second = (tensor[mine].clone().requires_grad_(True) for tensor in (first, second))
-        value = _loss_value(loss, local_first, local_second)
-        value.backward()
-        results[rank] = (value.item(), local_first.grad.clone(), local_second.grad.clone())
+        local_first = first[mine].clone().requires_grad_(True)
+        loss = ImageContrastiveLoss(temperature=0.2)(local_first, second[mine])
+        loss.backward()
+        results[rank] = (loss.item(), local_first.grad.clone())
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize(
-    ("loss", "shape"),
-    [(ImageContrastiveLoss(temperature=0.2), (8, 16)), (BatchPatchSelectionLoss(temperature=0.5), (8, 3, 16))],
-    ids=["image_contrastive", "batch_patch_selection"],
-)
-def test_losses_with_gathered_negatives_of_two_processes_equal_one_process_on_the_global_batch(loss, shape):
+def test_image_contrastive_loss_of_two_processes_equals_one_process_on_the_global_batch():
     """Negatives gathered across processes with gradients: the mean of the two processes' losses is the loss of one
-    process on all 8 images, and the gradients that reach each process's inputs are those of the global loss
+    process on all 8 images, and the gradients that reach each process's descriptors are those of the global loss
     (summed over processes, as the gathered negatives send theirs home; DDP then averages, as for the loss)."""
     generator = torch.Generator().manual_seed(0)
-    first, second = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    global_first, global_second = first.clone().requires_grad_(True), second.clone().requires_grad_(True)
-    global_loss = _loss_value(loss, global_first, global_second)
+    first, second = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    global_first = first.clone().requires_grad_(True)
+    global_loss = ImageContrastiveLoss(temperature=0.2)(global_first, second)
     global_loss.backward()
 
     with socket.socket() as probe:  # a free port for the two processes to meet on
@@ -134,9 +97,8 @@ def test_losses_with_gathered_negatives_of_two_processes_equal_one_process_on_th
     with context.Manager() as manager:
         results = manager.dict()
         torch.multiprocessing.start_processes(
-            _two_process_losses, args=(port, loss, first, second, results), nprocs=2, start_method="spawn"
+            _two_process_losses, args=(port, first, second, results), nprocs=2, start_method="spawn"
         )
-        (loss_0, first_0, second_0), (loss_1, first_1, second_1) = results[0], results[1]
+        (loss_0, grad_0), (loss_1, grad_1) = results[0], results[1]
     assert (loss_0 + loss_1) / 2 == pytest.approx(global_loss.item(), rel=1e-5)
-    torch.testing.assert_close(torch.cat([first_0, first_1]) / 2, global_first.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.cat([second_0, second_1]) / 2, global_second.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([grad_0, grad_1]) / 2, global_first.grad, rtol=1e-4, atol=1e-6)

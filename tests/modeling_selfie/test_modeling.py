@@ -104,22 +104,6 @@ def test_loss_equals_a_plain_per_image_loop(temperature, query_type):
     assert output.accuracy.item() == pytest.approx(correct / len(losses))
 
 
-@pytest.mark.parametrize("masking", ["random", "split"])
-def test_batch_candidate_pool_adds_the_other_images_hidden_patches_as_distractors(masking):
-    """The same weights and mask with either pool: the same logits over the image's own candidates (so the same
-    candidate accuracy), and a higher loss with the batch's, which only adds distractors."""
-    config = tiny_config(masking_strategy=masking)
-    image_pool = SelfieForMaskedPatchPrediction(config).eval()
-    batch_pool = SelfieForMaskedPatchPrediction(tiny_config(masking_strategy=masking, candidate_pool="batch")).eval()
-    batch_pool.load_state_dict(image_pool.state_dict())
-    pixel_values = images(config)
-    mask = random_patch_mask(len(pixel_values), config.num_patches, config.num_masked_patches)
-    by_image, by_batch = (model(pixel_values, bool_masked_pos=mask) for model in (image_pool, batch_pool))
-    torch.testing.assert_close(by_batch.logits, by_image.logits)
-    assert by_batch.accuracy == by_image.accuracy
-    assert by_batch.loss.item() > by_image.loss.item()
-
-
 @pytest.mark.parametrize("query_type", ["sum", "mlp"])
 def test_only_mlp_queries_let_the_summary_say_which_patch_goes_where(query_type):
     # With u + pos_i, a change of u moves every position's score of patch j by the same <u' - u, h_j>: a bias per
