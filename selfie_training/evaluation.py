@@ -3,10 +3,12 @@ k-NN accuracy while pretraining.
 
 The features of an image are P's stage-3 feature map of the whole image (P runs on the full image, not on its
 patches, as it does when it starts a classifier), global-average-pooled: one vector of P's width (1024 for
-ResNet-50) an image. Nothing is trained on the encoder; its BatchNorm layers run in eval mode.
+ResNet-50) an image. Nothing is trained on the encoder; its BatchNorm layers run in eval mode, on the statistics
+saved with it or, after `recalibrate_batchnorm`, on those of the evaluation's whole images.
 """
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +65,26 @@ def labelled_images(dataset, image_processor, image_column: str, label_column: s
     return with_image_transform(dataset, image_transform(image_processor, train=False), image_column, label_column)
 
 
+@contextmanager
+def _in_mode(model, training: bool):
+    """`model` in training or eval mode within the block, and in the mode it had before after it."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _image_batches(model, dataset, batch_size: int, num_workers: int):
+    """The batches of `dataset` (from `labelled_images`), their pixel values on the model's device and in its dtype
+    (empty where none of a batch's images could be read)."""
+    parameter = next(model.parameters())
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers):
+        batch["pixel_values"] = batch["pixel_values"].to(parameter.device, parameter.dtype)
+        yield batch
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model, dataset, batch_size: int = 256, num_workers: int = 0) -> int:
     """Re-estimate the running statistics of P's BatchNorm layers on the whole images of `dataset` (from
@@ -73,19 +95,16 @@ def recalibrate_batchnorm(model, dataset, batch_size: int = 256, num_workers: in
     norms = [module for module in encoder.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    parameter = next(model.parameters())
-    momenta, was_training = [norm.momentum for norm in norms], model.training
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches
-    model.train()
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
-        for batch in loader:
-            if len(batch["pixel_values"]):
-                encoder.feature_map(batch["pixel_values"].to(parameter.device, parameter.dtype))
+        with _in_mode(model, training=True):
+            for batch in _image_batches(model, dataset, batch_size, num_workers):
+                if len(batch["pixel_values"]):
+                    encoder.feature_map(batch["pixel_values"])
     finally:
-        model.train(was_training)
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
     return len(norms)
@@ -97,21 +116,14 @@ def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0
     `labelled_images`), read batch by batch with the model in eval mode; the model's mode is restored after.
     `model` is any Selfie model: a `SelfieModel`, or a model holding one as `.selfie`."""
     encoder = getattr(model, "selfie", model)
-    parameter = next(model.parameters())
-    was_training = model.training
-    model.eval()
     features, labels, unreadable = [], [], 0
-    try:
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers)
-        for batch in loader:
+    with _in_mode(model, training=False):
+        for batch in _image_batches(model, dataset, batch_size, num_workers):
             unreadable += len(batch["unreadable_images"])
             if len(batch["pixel_values"]) == 0:  # no image of the batch could be read
                 continue
-            pixel_values = batch["pixel_values"].to(parameter.device, parameter.dtype)
-            features.append(encoder.feature_map(pixel_values).mean(dim=(2, 3)).float().cpu())
+            features.append(encoder.feature_map(batch["pixel_values"]).mean(dim=(2, 3)).float().cpu())
             labels.append(batch["labels"])
-    finally:
-        model.train(was_training)
     if unreadable:
         logger.warning("Skipped %d unreadable images in feature extraction.", unreadable)
     if not features:
