@@ -55,11 +55,21 @@ class FineTuningArguments(LabelledSubsetArguments):
             "pretraining learnt. Needs --model_name_or_path or --backbone_weights. Default: --learning_rate."
         },
     )
+    freeze_pretrained_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Hold the pretrained weights still for this many first steps while the fresh head learns to read "
+            "their features (LP-FT), then warm them up over --warmup_steps into the schedule. Needs "
+            "--model_name_or_path or --backbone_weights."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.pretrained_learning_rate is not None and not self.pretrained_learning_rate >= 0:
             raise UserError(f"--pretrained_learning_rate {self.pretrained_learning_rate} must be at least 0.")
+        if self.freeze_pretrained_steps < 0:
+            raise UserError(f"--freeze_pretrained_steps {self.freeze_pretrained_steps} must be at least 0.")
 
 
 # The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
@@ -70,11 +80,16 @@ def main(args: list[str] | None = None) -> dict:
     model_args, finetuning_args, data_args, training_args = parse_arguments(ARGUMENTS, args)
     setup(training_args)
     pretrained = model_args.model_name_or_path is not None or model_args.backbone_weights is not None
-    if finetuning_args.pretrained_learning_rate is not None and not pretrained:
-        raise UserError(
-            "--pretrained_learning_rate needs pretrained weights (--model_name_or_path or --backbone_weights); "
-            "without them every weight is fresh and trains at --learning_rate."
-        )
+    flags_for_pretrained_weights = {
+        "pretrained_learning_rate": finetuning_args.pretrained_learning_rate is not None,
+        "freeze_pretrained_steps": finetuning_args.freeze_pretrained_steps > 0,
+    }
+    for flag, given in flags_for_pretrained_weights.items():
+        if given and not pretrained:
+            raise UserError(
+                f"--{flag} needs pretrained weights (--model_name_or_path or --backbone_weights); "
+                "without them every weight is fresh and trains at --learning_rate."
+            )
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
@@ -110,6 +125,7 @@ def main(args: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=top_classes,
         max_unreadable_fraction=data_args.max_unreadable_fraction,
         pretrained_learning_rate=finetuning_args.pretrained_learning_rate,
+        freeze_pretrained_steps=finetuning_args.freeze_pretrained_steps,
         card={
             "task": "classification",
             "dataset": data_args.source,

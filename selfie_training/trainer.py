@@ -2,6 +2,7 @@
 SIGTERM, checks on the checkpoint to resume, and the candidate accuracy in pretraining logs."""
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -47,11 +48,13 @@ class SelfieTrainer(TrainerHooks):
         eval_stream: RandomStream | None = None,
         max_unreadable_fraction: float = 0.01,
         pretrained_learning_rate: float | None = None,
+        freeze_pretrained_steps: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.card = card
         self.pretrained_learning_rate = pretrained_learning_rate
+        self.freeze_pretrained_steps = freeze_pretrained_steps
         self.data_stream = data_stream
         self.eval_stream = eval_stream
         self._trained_stream_state = None  # the data stream after the last batch trained on
@@ -166,11 +169,12 @@ class SelfieTrainer(TrainerHooks):
             )
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer; with `pretrained_learning_rate`, the base model's parameters (`selfie.*`: what a
-        classifier takes over from pretraining) in groups of their own at that learning rate, the fresh head at
-        --learning_rate. The schedule scales every group alike."""
+        """The Trainer's optimizer; with `pretrained_learning_rate` or `freeze_pretrained_steps`, the base model's
+        parameters (`selfie.*`: what a classifier takes over from pretraining) in groups of their own (marked
+        `"pretrained"`) at `pretrained_learning_rate`, the fresh head at --learning_rate. The schedule scales every
+        group alike, but for the pretrained groups' first `freeze_pretrained_steps` (`create_scheduler`)."""
         optimizer = super().create_optimizer(model)
-        if self.pretrained_learning_rate is None:
+        if self.pretrained_learning_rate is None and not self.freeze_pretrained_steps:
             return optimizer
         model = self.model if model is None else model
         pretrained = {id(parameter) for parameter in model.base_model.parameters()}
@@ -178,18 +182,38 @@ class SelfieTrainer(TrainerHooks):
         for group in optimizer.param_groups:
             options = {key: value for key, value in group.items() if key != "params"}
             groups.append({**options, "params": [p for p in group["params"] if id(p) not in pretrained]})
+            if self.pretrained_learning_rate is not None:
+                options["lr"] = self.pretrained_learning_rate
             groups.append(
-                {
-                    **options,
-                    "params": [p for p in group["params"] if id(p) in pretrained],
-                    "lr": self.pretrained_learning_rate,
-                }
+                {**options, "params": [p for p in group["params"] if id(p) in pretrained], "pretrained": True}
             )
         optimizer.param_groups = []  # regrouped in place: the optimizer has no state yet
         for group in groups:
             if group["params"]:
                 optimizer.add_param_group(group)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule; with `freeze_pretrained_steps`, the pretrained groups stay at a learning rate of 0
+        for that many steps while the fresh head learns to read their features (LP-FT, Kumar et al. 2022: a random
+        head's first gradients distort pretrained features), then warm up again over --warmup_steps into the schedule."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if not (created and self.freeze_pretrained_steps):
+            return scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise UserError(
+                f"--freeze_pretrained_steps needs a schedule of learning rate factors; --lr_scheduler_type "
+                f"{self.args.lr_scheduler_type} is not one."
+            )
+        warmup_steps = self.args.get_warmup_steps(num_training_steps)
+        for index, group in enumerate(scheduler.optimizer.param_groups):
+            if group.get("pretrained"):
+                scheduler.lr_lambdas[index] = functools.partial(
+                    _after_frozen_steps, scheduler.lr_lambdas[index], self.freeze_pretrained_steps, warmup_steps
+                )
+                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        return scheduler
 
     def create_model_card(self, **kwargs):
         write_model_card(self, **self.card)
@@ -311,3 +335,11 @@ class PretrainingTrainer(SelfieTrainer):
                 logs[self.LOGGED_OUTPUTS[name]] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 4)
             self._output_sums, self._output_steps = {}, 0
         super().log(logs, start_time)
+
+
+def _after_frozen_steps(schedule, frozen_steps: int, warmup_steps: int, step: int) -> float:
+    """The learning rate factor of weights held still for `frozen_steps`, then warmed up linearly over
+    `warmup_steps` into `schedule`."""
+    if step < frozen_steps:
+        return 0.0
+    return min(1.0, (step - frozen_steps) / max(warmup_steps, 1)) * schedule(step)

@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: a learning rate of its own for the pretrained weights."""
+"""The fine-tuning recipe: a learning rate of its own for the pretrained weights, and steps that hold them still."""
 
 import pytest
 from safetensors.torch import load_file
@@ -57,3 +57,51 @@ def test_a_pretrained_learning_rate_needs_pretrained_weights(tmp_path):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--pretrained_learning_rate", "0.001")
     with pytest.raises(ValueError, match=r"^--pretrained_learning_rate -1.0 must be at least 0"):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--pretrained_learning_rate", "-1")
+
+
+def test_frozen_pretrained_steps_hold_the_pretrained_learning_rate_at_zero_then_warm_it_up(tmp_path):
+    model = SelfieForImageClassification(tiny_config())
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=0.004, warmup_steps=2, lr_scheduler_type="cosine", report_to="none"
+    )
+    trainer = SelfieTrainer(
+        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001,
+        freeze_pretrained_steps=3,
+    )  # fmt: skip
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rates = {True: [], False: []}  # by step: the pretrained groups' learning rate, and the head's
+    for _ in range(10):
+        for pretrained in rates:
+            group_rates = {
+                group["lr"] for group in trainer.optimizer.param_groups if group.get("pretrained", False) is pretrained
+            }
+            assert len(group_rates) == 1  # weight-decay groups alike
+            rates[pretrained].append(group_rates.pop())
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    head_schedule = [rate / 0.004 for rate in rates[False]]
+    assert head_schedule[:3] == [0.0, 0.5, 1.0] and head_schedule[3] < 1.0  # the head's warm-up and cosine
+    assert rates[True][:4] == [0.0] * 4
+    assert rates[True][4] == pytest.approx(0.001 * head_schedule[4] / 2)  # half way through its own warm-up
+    assert rates[True][5:] == pytest.approx([0.001 * factor for factor in head_schedule[5:]])
+
+
+def test_frozen_pretrained_steps_keep_the_pretrained_weights_for_that_many_steps(tmp_path, pretrained):
+    flags = ["--model_name_or_path", str(pretrained), "--per_device_train_batch_size", "8", "--max_eval_samples",
+             "16", "--learning_rate", "0.01", "--freeze_pretrained_steps", "3"]  # fmt: skip
+    start = load_file(f"{pretrained}/model.safetensors")
+    fine_tune(tmp_path / "frozen", *flags, "--max_steps", "3")
+    fine_tune(tmp_path / "thawed", *flags, "--max_steps", "6")
+    frozen, thawed = (load_file(tmp_path / name / "model.safetensors") for name in ("frozen", "thawed"))
+    assert not changed(start, frozen, "selfie.")
+    assert changed(start, thawed, "selfie.")
+
+
+def test_frozen_pretrained_steps_need_pretrained_weights_and_a_schedule_of_factors(tmp_path, pretrained):
+    with pytest.raises(ValueError, match=r"^--freeze_pretrained_steps needs pretrained weights"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--freeze_pretrained_steps", "1")
+    with pytest.raises(ValueError, match=r"^--freeze_pretrained_steps -1 must be at least 0"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--freeze_pretrained_steps", "-1")
+    with pytest.raises(ValueError, match=r"^--freeze_pretrained_steps needs a schedule of learning rate factors"):
+        fine_tune(tmp_path / "plateau", "--model_name_or_path", str(pretrained), "--max_steps", "1",
+                  "--freeze_pretrained_steps", "1", "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "epoch")  # fmt: skip
