@@ -55,6 +55,15 @@ class FineTuningArguments(LabelledSubsetArguments):
             "pretraining learnt. Needs --model_name_or_path or --backbone_weights. Default: --learning_rate."
         },
     )
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning rate decay: P's stage 3 trains at --pretrained_learning_rate, each stage "
+            "below at this factor times the rate of the one above (stage 2 once, stage 1 twice, the stem three "
+            "times), so that the more general lower layers move less. 1: no decay. Needs --model_name_or_path or "
+            "--backbone_weights."
+        },
+    )
     freeze_pretrained_steps: int = field(
         default=0,
         metadata={
@@ -68,6 +77,8 @@ class FineTuningArguments(LabelledSubsetArguments):
         super().__post_init__()
         if self.pretrained_learning_rate is not None and not self.pretrained_learning_rate >= 0:
             raise UserError(f"--pretrained_learning_rate {self.pretrained_learning_rate} must be at least 0.")
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer_decay {self.layer_decay} must be more than 0 and at most 1.")
         if self.freeze_pretrained_steps < 0:
             raise UserError(f"--freeze_pretrained_steps {self.freeze_pretrained_steps} must be at least 0.")
 
@@ -82,6 +93,7 @@ def main(args: list[str] | None = None) -> dict:
     pretrained = model_args.model_name_or_path is not None or model_args.backbone_weights is not None
     flags_for_pretrained_weights = {
         "pretrained_learning_rate": finetuning_args.pretrained_learning_rate is not None,
+        "layer_decay": finetuning_args.layer_decay != 1,
         "freeze_pretrained_steps": finetuning_args.freeze_pretrained_steps > 0,
     }
     for flag, given in flags_for_pretrained_weights.items():
@@ -125,6 +137,7 @@ def main(args: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=top_classes,
         max_unreadable_fraction=data_args.max_unreadable_fraction,
         pretrained_learning_rate=finetuning_args.pretrained_learning_rate,
+        layer_decay=finetuning_args.layer_decay,
         freeze_pretrained_steps=finetuning_args.freeze_pretrained_steps,
         card={
             "task": "classification",

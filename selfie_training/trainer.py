@@ -48,12 +48,14 @@ class SelfieTrainer(TrainerHooks):
         eval_stream: RandomStream | None = None,
         max_unreadable_fraction: float = 0.01,
         pretrained_learning_rate: float | None = None,
+        layer_decay: float = 1.0,
         freeze_pretrained_steps: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.card = card
         self.pretrained_learning_rate = pretrained_learning_rate
+        self.layer_decay = layer_decay
         self.freeze_pretrained_steps = freeze_pretrained_steps
         self.data_stream = data_stream
         self.eval_stream = eval_stream
@@ -169,28 +171,33 @@ class SelfieTrainer(TrainerHooks):
             )
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer; with `pretrained_learning_rate` or `freeze_pretrained_steps`, the base model's
-        parameters (`selfie.*`: what a classifier takes over from pretraining) in groups of their own (marked
-        `"pretrained"`) at `pretrained_learning_rate`, the fresh head at --learning_rate. The schedule scales every
-        group alike, but for the pretrained groups' first `freeze_pretrained_steps` (`create_scheduler`)."""
+        """The Trainer's optimizer. With `pretrained_learning_rate`, `layer_decay` or `freeze_pretrained_steps`, the
+        base model's parameters (`selfie.*`: what a classifier takes over from pretraining) go in groups of their own
+        (marked `"pretrained"`): at `pretrained_learning_rate` (default --learning_rate) times `layer_decay` to the
+        power of their depth below P's top stage (`pretrained_depths`); the fresh head trains at --learning_rate.
+        The schedule scales every group alike, but for the pretrained groups' first `freeze_pretrained_steps`
+        (`create_scheduler`)."""
         optimizer = super().create_optimizer(model)
-        if self.pretrained_learning_rate is None and not self.freeze_pretrained_steps:
+        if self.pretrained_learning_rate is None and self.layer_decay == 1 and not self.freeze_pretrained_steps:
             return optimizer
         model = self.model if model is None else model
-        pretrained = {id(parameter) for parameter in model.base_model.parameters()}
+        depths = pretrained_depths(model.base_model)
         groups = []
         for group in optimizer.param_groups:
             options = {key: value for key, value in group.items() if key != "params"}
-            groups.append({**options, "params": [p for p in group["params"] if id(p) not in pretrained]})
-            if self.pretrained_learning_rate is not None:
-                options["lr"] = self.pretrained_learning_rate
-            groups.append(
-                {**options, "params": [p for p in group["params"] if id(p) in pretrained], "pretrained": True}
-            )
+            top_rate = options["lr"] if self.pretrained_learning_rate is None else self.pretrained_learning_rate
+            by_rate = {}  # (pretrained, learning rate) -> parameters
+            for parameter in group["params"]:
+                depth = depths.get(id(parameter))
+                key = (False, options["lr"]) if depth is None else (True, top_rate * self.layer_decay**depth)
+                by_rate.setdefault(key, []).append(parameter)
+            groups += [
+                {**options, "params": parameters, "lr": rate, "pretrained": pretrained}
+                for (pretrained, rate), parameters in by_rate.items()
+            ]
         optimizer.param_groups = []  # regrouped in place: the optimizer has no state yet
         for group in groups:
-            if group["params"]:
-                optimizer.add_param_group(group)
+            optimizer.add_param_group(group)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -335,6 +342,17 @@ class PretrainingTrainer(SelfieTrainer):
                 logs[self.LOGGED_OUTPUTS[name]] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 4)
             self._output_sums, self._output_steps = {}, 0
         super().log(logs, start_time)
+
+
+def pretrained_depths(base_model) -> dict[int, int]:
+    """The depth of each of the base model's parameters (by `id`) below the top of the patch network P: 0 for stage 3
+    (and for A and the position embeddings above it), 1 for stage 2, 2 for stage 1, 3 for the stem."""
+    stages = base_model.patch_stages()
+    depths = {id(parameter): 0 for parameter in base_model.parameters()}
+    depths.update({id(parameter): len(stages) for parameter in base_model.patch_network.parameters()})  # the stem
+    for depth, stage in enumerate(reversed(stages)):
+        depths.update({id(parameter): depth for parameter in stage.parameters()})
+    return depths
 
 
 def _after_frozen_steps(schedule, frozen_steps: int, warmup_steps: int, step: int) -> float:

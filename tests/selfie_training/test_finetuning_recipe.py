@@ -105,3 +105,32 @@ def test_frozen_pretrained_steps_need_pretrained_weights_and_a_schedule_of_facto
     with pytest.raises(ValueError, match=r"^--freeze_pretrained_steps needs a schedule of learning rate factors"):
         fine_tune(tmp_path / "plateau", "--model_name_or_path", str(pretrained), "--max_steps", "1",
                   "--freeze_pretrained_steps", "1", "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "epoch")  # fmt: skip
+
+
+def test_layer_decay_lowers_the_learning_rate_stage_by_stage_down_the_patch_network(tmp_path):
+    model = SelfieForImageClassification(tiny_config())
+    arguments = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.004, weight_decay=0.05, report_to="none")
+    trainer = SelfieTrainer(
+        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001,
+        layer_decay=0.5,
+    )  # fmt: skip
+    rate_of = {
+        id(parameter): group["lr"]
+        for group in trainer.create_optimizer().param_groups
+        for parameter in group["params"]
+    }
+    rates = {}  # the top-level module of each parameter: the learning rates of its parameters
+    for name, parameter in model.named_parameters():
+        module = name.removeprefix("selfie.patch_network.").split(".")[0]
+        rates.setdefault(module, set()).add(rate_of[id(parameter)])
+    assert rates == {
+        "conv1": {0.000125}, "bn1": {0.000125}, "layer1": {0.00025}, "layer2": {0.0005}, "layer3": {0.001},
+        "layer4": {0.004}, "classifier": {0.004},
+    }  # fmt: skip
+
+
+def test_layer_decay_needs_pretrained_weights_and_a_factor_up_to_1(tmp_path):
+    with pytest.raises(ValueError, match=r"^--layer_decay needs pretrained weights"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--layer_decay", "0.5")
+    with pytest.raises(ValueError, match=r"^--layer_decay 1.5 must be more than 0 and at most 1"):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--layer_decay", "1.5")
