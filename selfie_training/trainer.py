@@ -191,9 +191,10 @@ class SelfieTrainer(TrainerHooks):
                 depth = depths.get(id(parameter))
                 key = (False, options["lr"]) if depth is None else (True, top_rate * self.layer_decay**depth)
                 by_rate.setdefault(key, []).append(parameter)
+            # The fresh head's group first, as before there were several pretrained ones: checkpoints still resume.
             groups += [
                 {**options, "params": parameters, "lr": rate, "pretrained": pretrained}
-                for (pretrained, rate), parameters in by_rate.items()
+                for (pretrained, rate), parameters in sorted(by_rate.items(), key=lambda item: item[0][0])
             ]
         optimizer.param_groups = []  # regrouped in place: the optimizer has no state yet
         for group in groups:

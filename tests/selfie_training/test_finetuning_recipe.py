@@ -1,6 +1,9 @@
 """The fine-tuning recipe: a learning rate of its own for the pretrained weights, and steps that hold them still."""
 
+import shutil
+
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -134,3 +137,21 @@ def test_layer_decay_needs_pretrained_weights_and_a_factor_up_to_1(tmp_path):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--layer_decay", "0.5")
     with pytest.raises(ValueError, match=r"^--layer_decay 1.5 must be more than 0 and at most 1"):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--max_steps", "1", "--layer_decay", "1.5")
+
+
+def test_a_run_with_the_pretrained_recipe_resumed_across_the_thaw_ends_where_the_uninterrupted_one_does(
+    tmp_path, pretrained
+):
+    flags = ["--model_name_or_path", str(pretrained), "--per_device_train_batch_size", "8", "--max_eval_samples",
+             "16", "--max_steps", "6", "--save_steps", "3", "--warmup_steps", "1", "--pretrained_learning_rate",
+             "0.002", "--layer_decay", "0.5", "--freeze_pretrained_steps", "4"]  # fmt: skip
+    fine_tune(tmp_path / "uninterrupted", *flags)
+    output = tmp_path / "interrupted"
+    fine_tune(output, *flags)
+    for path in output.iterdir():  # what a run killed after its step-3 checkpoint, still frozen, leaves behind
+        if path.name != "checkpoint-3":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    fine_tune(output, *flags)  # the same command again
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    for name, tensor in load_file(output / "model.safetensors").items():
+        assert torch.equal(tensor, expected[name]), name
