@@ -42,7 +42,8 @@ class TrainerHooks(Trainer):
         except ValueError as error:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
             raise UserError(
                 f"{os.path.join(checkpoint, OPTIMIZER_NAME)} does not fit this run's optimizer ({error}; changed "
-                "--train_norm_only or --pretrained_learning_rate?): give this run another --output_dir."
+                "--train_norm_only, --pretrained_learning_rate, --layer_decay or --freeze_pretrained_steps?): give "
+                "this run another --output_dir."
             ) from error
 
     def _load_scaler(self, checkpoint: str):
