@@ -110,6 +110,23 @@ def recalibrate_batchnorm(model, dataset, batch_size: int = 256, num_workers: in
     return len(norms)
 
 
+class BatchNormRecalibration(TrainerCallback):
+    """When training has run to its last step, `recalibrate_batchnorm` on `images` (whole images under the evaluation
+    transform, from `with_image_transform`; labels unread), so that the model the Trainer saves next carries the
+    statistics of the whole images that a classifier or a frozen-feature user feeds P, not those of the patches P was
+    pretrained on. Checkpoints saved during training keep the patches' statistics, so a resumed run trains on as
+    before. Every process re-estimates the same statistics from the same images: no collective operation."""
+
+    def __init__(self, images, batch_size: int, num_workers: int):
+        self.images, self.batch_size, self.num_workers = images, batch_size, num_workers
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step < state.max_steps:  # stopped early: the run resumes, and ends here, later
+            return
+        layers = recalibrate_batchnorm(model, self.images, self.batch_size, self.num_workers)
+        logger.info("Re-estimated the statistics of %d BatchNorm layers on whole training images.", layers)
+
+
 @torch.no_grad()
 def extract_features(model, dataset, batch_size: int = 256, num_workers: int = 0) -> LabelledFeatures:
     """The pooled stage-3 features (on the CPU, float32) and labels of every readable image of `dataset` (from

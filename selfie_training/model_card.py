@@ -304,6 +304,10 @@ def _describe_stage(stage: dict, backbone: str) -> str:
     if task == "pretraining":
         notes = [stage["objective"]] if stage.get("objective") else []
         notes += ["norm layers only"] if stage.get("norm_only") else []
+        if stage.get("batchnorm_recalibration_samples"):
+            notes += [
+                f"BatchNorm statistics re-estimated on {stage['batchnorm_recalibration_samples']:,} whole images"
+            ]
         return f"Selfie pretraining on {dataset}" + (f" ({'; '.join(notes)})" if notes else "")
     if task == "classification":
         return f"fine-tuning on {dataset}"

@@ -16,10 +16,12 @@ from .data import (
     collate_images,
     find_image_column,
     image_transform,
+    limit_samples,
     load_splits,
     with_image_transform,
 )
-from .evaluation import KNNMonitorArguments, build_knn_monitor
+from .errors import UserError
+from .evaluation import BatchNormRecalibration, KNNMonitorArguments, build_knn_monitor
 from .metrics import compute_candidate_accuracy, image_candidate_hits
 from .model_card import describe_objective
 from .runner import (
@@ -47,6 +49,22 @@ class PretrainingArguments:
             "--model_name_or_path checkpoint to new data."
         },
     )
+    batchnorm_recalibration_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "When training ends, re-estimate the patch network's BatchNorm statistics on this many whole "
+            "training images (drawn with --split_seed; evaluation transform, one pass), so that the saved model "
+            "carries the statistics of the whole images that classifiers and frozen-feature evaluations feed it, "
+            "not those of the patches it was pretrained on. The final evaluation reads them too; checkpoints keep "
+            "the patches'. Default: off."
+        },
+    )
+
+    def __post_init__(self):
+        if self.batchnorm_recalibration_samples is not None and self.batchnorm_recalibration_samples < 1:
+            raise UserError(
+                f"--batchnorm_recalibration_samples {self.batchnorm_recalibration_samples} must be at least 1."
+            )
 
 
 # The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
@@ -72,10 +90,26 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
+    recalibration_images = None
+    if pretraining_args.batchnorm_recalibration_samples is not None:
+        recalibration_images = limit_samples(
+            splits["train"], pretraining_args.batchnorm_recalibration_samples, data_args.split_seed
+        )
+        # How many there are (fewer than asked where the split is smaller), for the card; a stream has no length.
+        stage["batchnorm_recalibration_samples"] = (
+            len(recalibration_images)
+            if hasattr(recalibration_images, "__len__")
+            else pretraining_args.batchnorm_recalibration_samples
+        )
     config = build_config(model_args, preset, stage if training_args.do_train else None)
     if training_args.do_train and config.masking_strategy != "random":
         # Another objective than Selfie's own, in words: it travels with the weights into every later card.
         config.training_stages[-1]["objective"] = describe_objective(config)
+    if recalibration_images is not None and config.backbone_norm != "batchnorm":
+        raise UserError(
+            f"--batchnorm_recalibration_samples needs BatchNorm in the patch network, but its backbone_norm is "
+            f"{config.backbone_norm!r}, which keeps no statistics of the data."
+        )
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     if pretraining_args.train_norm_only:
@@ -114,6 +148,14 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     )
     if monitor_args.knn_monitor_samples is not None:
         trainer.add_callback(build_knn_monitor(trainer, splits, data_args, image_processor, monitor_args))
+    if recalibration_images is not None:
+        trainer.add_callback(
+            BatchNormRecalibration(
+                with_image_transform(recalibration_images, eval_transform, image_column),
+                batch_size=training_args.per_device_eval_batch_size,
+                num_workers=training_args.dataloader_num_workers,
+            )
+        )
     return trainer, training_args, image_processor, checkpoint
 
 

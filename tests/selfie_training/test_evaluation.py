@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers import AutoImageProcessor, TrainerControl, TrainerState, TrainingArguments
 
 import run_evaluation
 from modeling_selfie import (
@@ -19,6 +19,7 @@ from modeling_selfie import (
     SelfieModel,
     preset_image_processor,
 )
+from selfie_training.data import DataArguments, image_transform, load_splits, with_image_transform
 from selfie_training.evaluation import (
     KNNMonitor,
     LabelledFeatures,
@@ -31,6 +32,7 @@ from selfie_training.evaluation import (
 from tests.utils import (
     QUIET_FLAGS,
     REPOSITORY,
+    TINY_MODEL,
     TINY_MODEL_FLAGS,
     class_images,
     launch_two_processes,
@@ -173,6 +175,55 @@ def test_batchnorm_recalibration_leaves_a_per_sample_norm_alone():
     dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
     assert recalibrate_batchnorm(model, dataset) == 0
     assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+
+
+def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, parquet_folder):
+    output = tmp_path / "pretrained"
+    # More samples asked for than the training split holds: all of it, in one evaluation batch (so the statistics
+    # are exactly those of the split's images, in whatever order they come).
+    flags = ["--dataset_name", str(parquet_folder), "--max_steps", "2", "--per_device_train_batch_size", "8",
+             "--per_device_eval_batch_size", "64", "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    pretrain(output, *flags, "--batchnorm_recalibration_samples", "100")
+    saved = SelfieForMaskedPatchPrediction.from_pretrained(output)
+    checkpoint = SelfieForMaskedPatchPrediction.from_pretrained(output / "checkpoint-2")  # patches' statistics
+
+    train = load_splits(DataArguments(dataset_name=str(parquet_folder)))["train"]
+    images = with_image_transform(
+        train, image_transform(AutoImageProcessor.from_pretrained(output), train=False), "img"
+    )
+    assert recalibrate_batchnorm(checkpoint, images, batch_size=64) > 0
+    expected, weights = checkpoint.state_dict(), saved.state_dict()
+    statistics = [name for name in expected if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(name.startswith("selfie.patch_network.") for name in statistics)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    patches = SelfieForMaskedPatchPrediction.from_pretrained(output / "checkpoint-2").state_dict()
+    assert not torch.allclose(
+        weights["selfie.patch_network.bn1.running_var"], patches["selfie.patch_network.bn1.running_var"]
+    )
+
+    stage = saved.config.training_stages[-1]
+    assert stage["batchnorm_recalibration_samples"] == len(train) < 100
+    assert f"BatchNorm statistics re-estimated on {len(train)} whole images" in (output / "README.md").read_text()
+
+    # Without the flag, the saved model is the last checkpoint's.
+    pretrain(tmp_path / "plain", *flags)
+    plain = SelfieForMaskedPatchPrediction.from_pretrained(tmp_path / "plain").state_dict()
+    last = SelfieForMaskedPatchPrediction.from_pretrained(tmp_path / "plain" / "checkpoint-2").state_dict()
+    assert all(torch.equal(plain[name], last[name]) for name in last)
+
+
+def test_batchnorm_recalibration_needs_batchnorm(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^--batchnorm_recalibration_samples needs BatchNorm in the patch network, but its "
+        r"backbone_norm is 'groupnorm'",
+    ):
+        groupnorm = TINY_MODEL["config_overrides"] + ",backbone_norm=groupnorm"
+        pretrain(tmp_path / "run", "--config_overrides", groupnorm, "--batchnorm_recalibration_samples", "8")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"^--batchnorm_recalibration_samples 0 must be at least 1\.$"):
+        pretrain(tmp_path / "run", "--batchnorm_recalibration_samples", "0")
 
 
 def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
