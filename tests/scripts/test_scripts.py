@@ -263,8 +263,10 @@ def test_streaming(tmp_path, parquet_folder):
         "--max_eval_samples",
         "8",
     ]
-    metrics = pretrain(tmp_path / "pretrained", *streamed)
+    metrics = pretrain(tmp_path / "pretrained", *streamed, "--batchnorm_recalibration_samples", "6")
     assert 0 <= metrics["eval_candidate_accuracy"] <= 1
+    # A stream has no length: the card names the number asked for.
+    assert "BatchNorm statistics re-estimated on 6 whole images" in (tmp_path / "pretrained" / "README.md").read_text()
     metrics = fine_tune(tmp_path / "classifier", "--model_name_or_path", str(tmp_path / "pretrained"), *streamed)
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert "streamed" in (tmp_path / "classifier" / "README.md").read_text()
