@@ -92,14 +92,8 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}
     recalibration_images = None
     if pretraining_args.batchnorm_recalibration_samples is not None:
-        recalibration_images = limit_samples(
+        recalibration_images, stage["batchnorm_recalibration_samples"] = draw_images(
             splits["train"], pretraining_args.batchnorm_recalibration_samples, data_args.split_seed
-        )
-        # How many there are (fewer than asked where the split is smaller), for the card; a stream has no length.
-        stage["batchnorm_recalibration_samples"] = (
-            len(recalibration_images)
-            if hasattr(recalibration_images, "__len__")
-            else pretraining_args.batchnorm_recalibration_samples
         )
     config = build_config(model_args, preset, stage if training_args.do_train else None)
     if training_args.do_train and config.masking_strategy != "random":
@@ -157,6 +151,13 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             )
         )
     return trainer, training_args, image_processor, checkpoint
+
+
+def draw_images(dataset, samples: int, seed: int) -> tuple:
+    """`samples` images of `dataset`, drawn with `seed`, and how many they are: fewer where the dataset is smaller, the
+    number asked for where it is a stream (which has no length)."""
+    images = limit_samples(dataset, samples, seed)
+    return images, len(images) if hasattr(images, "__len__") else samples
 
 
 def train_norm_layers_only(model: SelfieForMaskedPatchPrediction):
