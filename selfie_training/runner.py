@@ -95,6 +95,9 @@ def setup(training_args: TrainingArguments):
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    if training_args.should_log:
+        # As the transformers examples do: --log_level's default ("passive") then means info on the main process.
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     for library_logger in (logging.getLogger("selfie_training"), logging.getLogger("__main__")):
         library_logger.setLevel(log_level)

@@ -177,7 +177,7 @@ def test_batchnorm_recalibration_leaves_a_per_sample_norm_alone():
     assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
 
 
-def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, parquet_folder):
+def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, parquet_folder, caplog):
     output = tmp_path / "pretrained"
     # More samples asked for than the training split holds: all of it, in one evaluation batch (so the statistics
     # are exactly those of the split's images, in whatever order they come).
@@ -192,7 +192,8 @@ def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, pa
     images = with_image_transform(
         train, image_transform(AutoImageProcessor.from_pretrained(output), train=False), "img"
     )
-    assert recalibrate_batchnorm(checkpoint, images, batch_size=64) > 0
+    layers = recalibrate_batchnorm(checkpoint, images, batch_size=64)
+    assert layers > 0
     expected, weights = checkpoint.state_dict(), saved.state_dict()
     statistics = [name for name in expected if name.endswith(("running_mean", "running_var"))]
     assert statistics and all(name.startswith("selfie.patch_network.") for name in statistics)
@@ -203,6 +204,8 @@ def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, pa
     stage = saved.config.training_stages[-1]
     assert stage["batchnorm_recalibration_samples"] == len(train) < 100
     assert f"BatchNorm statistics re-estimated on {len(train)} whole images" in (output / "README.md").read_text()
+    # At the scripts' default log level, as the transformers examples set it (info on the main process).
+    assert f"Re-estimated the statistics of {layers} BatchNorm layers on whole training images." in caplog.messages
 
     # Without the flag, the saved model is the last checkpoint's.
     pretrain(tmp_path / "plain", *flags)
