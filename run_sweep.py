@@ -259,13 +259,12 @@ def main(args: list[str] | None = None) -> list[dict]:
     sweep = Sweep.from_json(args[0])
     check_flags(sweep, args[0])
     pretrained = pretrain(sweep)
-    accuracies = {
-        fraction: {
-            method: [fine_tune(sweep, pretrained, method, fraction, seed) for seed in sweep.seeds]
-            for method in METHODS
-        }
-        for fraction in sweep.label_fractions
-    }
+    accuracies = {fraction: {method: [] for method in METHODS} for fraction in sweep.label_fractions}
+    # Seed by seed, both methods in turn: a sweep stopped part-way (a lease, a time limit) leaves pairs to compare.
+    for fraction in sweep.label_fractions:
+        for seed in sweep.seeds:
+            for method in METHODS:
+                accuracies[fraction][method].append(fine_tune(sweep, pretrained, method, fraction, seed))
     rows = summarise(accuracies)
     table = markdown_table(rows)
     with open(os.path.join(sweep.output_dir, "results.json"), "w") as file:

@@ -79,12 +79,26 @@ def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tu
     args = sys.argv[1:] if args is None else args
     try:
         if len(args) == 1 and args[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(args[0]))
-        return parser.parse_args_into_dataclasses(args=args)
+            parsed = parser.parse_json_file(json_file=os.path.abspath(args[0]))
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=args)
     except UserError:
         raise
     except ValueError as error:  # transformers' checks of its own flags (`TrainingArguments`), unknown JSON keys
         raise UserError(first_line(error)) from error
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_data_loading(arguments)
+    return parsed
+
+
+def check_data_loading(training_args: TrainingArguments):
+    """What TrainingArguments lets through and the DataLoader refuses at the first step, refused at the start."""
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers == 0:
+        raise UserError(
+            "--dataloader_persistent_workers keeps the DataLoader's workers between epochs, and "
+            "--dataloader_num_workers 0 starts none: give workers, or drop --dataloader_persistent_workers."
+        )
 
 
 def setup(training_args: TrainingArguments):

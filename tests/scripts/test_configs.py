@@ -28,12 +28,13 @@ def test_the_gpu_config_runs_on_the_cpu_with_tiny_overrides(tmp_path, parquet_fo
     sweep["output_dir"] = str(tmp_path / "out")
     sweep["label_fractions"], sweep["seeds"] = [0.5], [0]
     sweep["data"].update(
-        dataset_name=str(parquet_folder), dataloader_num_workers=0, per_device_eval_batch_size=16, report_to="none",
+        dataset_name=str(parquet_folder), dataloader_num_workers=1, per_device_eval_batch_size=16, report_to="none",
         **TINY_MODEL,
     )  # fmt: skip
     for section in ("pretraining", "finetuning"):
         sweep[section].update(tiny_run)
     assert sweep["data"]["bf16"] and sweep["data"]["channels_last"]  # the GPU paths, run here on the CPU
+    assert sweep["data"]["dataloader_persistent_workers"]  # its workers kept across epochs, here one
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(sweep))
     rows = run_sweep.main([str(path)])

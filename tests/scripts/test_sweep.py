@@ -78,6 +78,24 @@ def test_each_method_gets_its_own_flags(tmp_path):
         assert run_flags[run_flags.index("--label_seed") + 1] == "1"
 
 
+def test_runs_go_seed_by_seed_with_both_methods_in_turn(tmp_path, monkeypatch):
+    """A sweep stopped part-way leaves both methods' runs of its first seeds, paired on the same labels."""
+    order = []
+
+    def fine_tune(sweep, pretrained, method, fraction, seed):
+        order.append((fraction, seed, method))
+        return 0.5 + 0.1 * seed
+
+    monkeypatch.setattr(run_sweep, "fine_tune", fine_tune)
+    sweep = {"output_dir": str(tmp_path), "label_fractions": [0.05, 0.2], "seeds": [0, 1], "pretrained_model": "PRE"}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    rows = run_sweep.main([str(tmp_path / "sweep.json")])
+    assert order == [
+        (fraction, seed, method) for fraction in (0.05, 0.2) for seed in (0, 1) for method in ("scratch", "selfie")
+    ]
+    assert rows[1]["selfie"]["runs"] == pytest.approx([50.0, 60.0]) and rows[1]["delta"] == pytest.approx(0.0)
+
+
 def test_sigterm_ends_a_sweep_with_the_scripts_line_and_status(tmp_path):
     """The run under way saves a checkpoint and says so in one line; the sweep exits with its status (143)."""
     sweep = {

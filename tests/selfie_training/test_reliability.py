@@ -44,6 +44,11 @@ def bert_checkpoint(root: Path) -> Path:
             ["--unknown_flag", "1"],
             r"Some specified arguments are not used by the HfArgumentParser: \['--unknown_flag', '1'\]",
         ),
+        (
+            ["--dataloader_persistent_workers", "True", "--dataloader_num_workers", "0"],
+            r"^--dataloader_persistent_workers keeps the DataLoader's workers between epochs, and "
+            r"--dataloader_num_workers 0 starts none",
+        ),
     ],
 )
 def test_bad_pretraining_flags_fail_before_training(tmp_path, flags, message):
