@@ -72,6 +72,14 @@ class FineTuningArguments(LabelledSubsetArguments):
             "--model_name_or_path or --backbone_weights."
         },
     )
+    trivial_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "TrivialAugment (Mueller & Hutter 2021) on the training images: one of 14 operations (colour, "
+            "contrast, shear, rotation, ...) at a random strength, after the crop and flip. Stronger augmentation "
+            "for few labels; fine-tuning only (pretraining's patch-placing task would read its borders)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,7 +130,12 @@ def main(args: list[str] | None = None) -> dict:
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForImageClassification, model_args, config)
 
-    train_transform = image_transform(image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob)
+    train_transform = image_transform(
+        image_processor,
+        train=True,
+        channel_drop_prob=data_args.channel_drop_prob,
+        trivial_augment=finetuning_args.trivial_augment,
+    )
     stream = RandomStream(training_args.seed)
     trainer = SelfieTrainer(
         model=model,

@@ -422,7 +422,11 @@ SMALL_IMAGE_CROP_SCALE = (0.5, 1.0)
 
 
 def image_transform(
-    processor: BitImageProcessor, train: bool, channel_drop_prob: float = 0.0, borderless: bool = False
+    processor: BitImageProcessor,
+    train: bool,
+    channel_drop_prob: float = 0.0,
+    borderless: bool = False,
+    trivial_augment: bool = False,
 ) -> v2.Compose:
     """RGB PIL image -> normalised tensor, with the sizes and normalisation of the model's image processor.
     Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above, on uint8
@@ -430,7 +434,8 @@ def image_transform(
     workers). Evaluation: resize the shortest edge (with PIL) and centre crop, as the image processor does.
     `borderless` (pretraining): small images too get a random resized crop (of at least half the image), never
     padding: the padded border, reflected or blank, tells a patch at the edge where it lies, a shortcut through
-    the patch-placing task that evaluation images do not offer."""
+    the patch-placing task that evaluation images do not offer. `trivial_augment` (fine-tuning): TrivialAugment
+    after the crop and flip, on the uint8 image."""
     size = (processor.crop_size["height"], processor.crop_size["width"])
     if not train:
         steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()]
@@ -441,6 +446,8 @@ def image_transform(
         steps = [v2.ToImage(), v2.Resize(min(size)), crop, v2.RandomHorizontalFlip()]
     else:
         steps = [v2.ToImage(), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+    if train and trivial_augment:
+        steps.append(v2.TrivialAugmentWide())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(processor.image_mean, processor.image_std)]
     if train and channel_drop_prob > 0:
         steps.append(KeepOneChannel(channel_drop_prob))

@@ -143,6 +143,27 @@ def test_training_transform_for_224_is_random_resized_crop():
     assert transform(image).shape == (3, 224, 224)
 
 
+def test_trivial_augment_follows_the_crop_and_flip_of_training_images_only():
+    processor = preset_image_processor("cifar10")
+    augmented = image_transform(processor, train=True, trivial_augment=True)
+    names = [type(step).__name__ for step in augmented.transforms]
+    assert names[-4:-2] == ["RandomHorizontalFlip", "TrivialAugmentWide"]  # on the uint8 image, before scaling
+    assert "TrivialAugmentWide" not in [
+        type(step).__name__ for step in image_transform(processor, train=True).transforms
+    ]
+    evaluation = image_transform(processor, train=False, trivial_augment=True)
+    assert "TrivialAugmentWide" not in [type(step).__name__ for step in evaluation.transforms]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    plain = image_transform(processor, train=True)
+    changed = 0
+    for seed in range(20):  # the same crop and flip (the same draws come first), then an operation or not
+        torch.manual_seed(seed)
+        ours = augmented(image)
+        torch.manual_seed(seed)
+        changed += not torch.equal(ours, plain(image))
+    assert changed >= 10  # most draws change the image ("identity" is one operation of 14, and weak ones round off)
+
+
 def test_keep_one_channel_keeps_one_channel():
     torch.manual_seed(0)
     image = torch.randn(3, 8, 8)
