@@ -38,6 +38,10 @@ BAD_SWEEPS = [
         '{"output_dir": "OUT", "pretraining": {"num_epochs": 1}}',
         r"the pretraining runs' flags are refused: .*--num_epochs",
     ),
+    (
+        '{"output_dir": "OUT", "data": {"dataloader_persistent_workers": true, "dataloader_num_workers": 0}}',
+        r"the pretraining runs' flags are refused: --dataloader_persistent_workers keeps the DataLoader's workers",
+    ),
 ]
 
 
