@@ -134,10 +134,14 @@ def test_evaluation_transform_matches_the_image_processor():
     torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0)  # the same resize, crop and normalisation
 
 
+def step_names(transform) -> list[str]:
+    return [type(step).__name__ for step in transform.transforms]
+
+
 def test_training_transform_for_224_is_random_resized_crop():
     processor = preset_image_processor("imagenet224")
     transform = image_transform(processor, train=True, channel_drop_prob=0.5)
-    names = [type(step).__name__ for step in transform.transforms]
+    names = step_names(transform)
     assert names[:3] == ["ToImage", "RandomResizedCrop", "RandomHorizontalFlip"] and names[-1] == "KeepOneChannel"
     image = Image.new("RGB", (120, 90))
     assert transform(image).shape == (3, 224, 224)
@@ -146,15 +150,11 @@ def test_training_transform_for_224_is_random_resized_crop():
 def test_trivial_augment_follows_the_crop_and_flip_of_training_images_only():
     processor = preset_image_processor("cifar10")
     augmented = image_transform(processor, train=True, trivial_augment=True)
-    names = [type(step).__name__ for step in augmented.transforms]
-    assert names[-4:-2] == ["RandomHorizontalFlip", "TrivialAugmentWide"]  # on the uint8 image, before scaling
-    assert "TrivialAugmentWide" not in [
-        type(step).__name__ for step in image_transform(processor, train=True).transforms
-    ]
-    evaluation = image_transform(processor, train=False, trivial_augment=True)
-    assert "TrivialAugmentWide" not in [type(step).__name__ for step in evaluation.transforms]
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     plain = image_transform(processor, train=True)
+    assert step_names(augmented)[-4:-2] == ["RandomHorizontalFlip", "TrivialAugmentWide"]  # uint8, before scaling
+    assert "TrivialAugmentWide" not in step_names(plain)
+    assert "TrivialAugmentWide" not in step_names(image_transform(processor, train=False, trivial_augment=True))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     changed = 0
     for seed in range(20):  # the same crop and flip (the same draws come first), then an operation or not
         torch.manual_seed(seed)
