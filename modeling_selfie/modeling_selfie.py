@@ -127,6 +127,7 @@ def split_resnet(config: SelfieConfig) -> ResNetSplit:
     resnet = create_resnet(config)
     layer4, layer4_channels = resnet.layer4, resnet.num_features
     resnet.prune_intermediate_layers(indices=[3])  # feature index 3 is stage 3: stage 4 goes
+    resnet.num_features = resnet.feature_info[3]["num_chs"]  # timm before 1.0.31 leaves stage 4's width here
     return ResNetSplit(resnet, layer4, layer4_channels)
 
 

@@ -2,6 +2,7 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -279,6 +280,26 @@ def test_resnet_head_is_p_then_stage4_then_pooling():
     features = model.layer4(model.selfie.patch_network.forward_features(pixel_values)).mean(dim=(2, 3))
     torch.testing.assert_close(model(pixel_values).logits, model.classifier(features))
     assert model.selfie.attention_pooling is None and model.selfie.position_embeddings is None
+
+
+def test_p_ends_in_stage_3_also_where_timm_leaves_num_features_at_stage_4(monkeypatch):
+    """timm before 1.0.31 prunes stage 4 without updating `num_features` (found on a GPU machine with timm 1.0.29:
+    the projection into A was sized for stage 4 and the first step failed)."""
+    prune = timm.models.resnet.ResNet.prune_intermediate_layers
+
+    def prune_as_timm_1_0_29(resnet, *args, **kwargs):
+        num_features = resnet.num_features
+        kept = prune(resnet, *args, **kwargs)
+        resnet.num_features = num_features
+        return kept
+
+    monkeypatch.setattr(timm.models.resnet.ResNet, "prune_intermediate_layers", prune_as_timm_1_0_29)
+    config = tiny_config()
+    stage_3_channels = 4 * config.backbone_kwargs["channels"][2]  # bottleneck blocks widen 4 times
+    model = SelfieForMaskedPatchPrediction(config)
+    assert model.selfie.patch_network.num_features == stage_3_channels
+    assert model.selfie.patch_projection.in_features == stage_3_channels
+    assert model(images(config)).loss.isfinite()
 
 
 def test_factorized_positions_are_row_plus_column_and_resize_to_finer_grids():
