@@ -3,6 +3,7 @@
 import logging
 from dataclasses import dataclass, field
 
+from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
@@ -72,6 +73,15 @@ class FineTuningArguments(LabelledSubsetArguments):
             "--model_name_or_path or --backbone_weights."
         },
     )
+    freeze_pretrained_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalise P with the BatchNorm statistics of the pretrained weights (for a checkpoint re-estimated "
+            "with --batchnorm_recalibration_samples: those of whole images) throughout fine-tuning, rather than with "
+            "each batch's, and leave them as they are; their scale and shift still train. Needs --model_name_or_path "
+            "or --backbone_weights."
+        },
+    )
     trivial_augment: bool = field(
         default=False,
         metadata={
@@ -103,6 +113,7 @@ def main(args: list[str] | None = None) -> dict:
         "pretrained_learning_rate": finetuning_args.pretrained_learning_rate is not None,
         "layer_decay": finetuning_args.layer_decay != 1,
         "freeze_pretrained_steps": finetuning_args.freeze_pretrained_steps > 0,
+        "freeze_pretrained_batchnorm": finetuning_args.freeze_pretrained_batchnorm,
     }
     for flag, given in flags_for_pretrained_weights.items():
         if given and not pretrained:
@@ -129,6 +140,8 @@ def main(args: list[str] | None = None) -> dict:
     config = build_config(model_args, preset, stage, **labels)
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForImageClassification, model_args, config)
+    if finetuning_args.freeze_pretrained_batchnorm:
+        freeze_batchnorm_statistics(model.selfie.patch_network)
 
     train_transform = image_transform(
         image_processor,
@@ -162,6 +175,19 @@ def main(args: list[str] | None = None) -> dict:
         },
     )
     return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+
+
+def freeze_batchnorm_statistics(module: nn.Module):
+    """Every BatchNorm layer of `module` normalises with its running statistics, in training mode too, and leaves
+    them as they are; its scale and shift still train. Trainer puts the model in training mode at every step, so
+    each layer is put back in eval mode just before it runs."""
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.register_forward_pre_hook(_in_eval_mode)
+
+
+def _in_eval_mode(norm: nn.Module, inputs: tuple):
+    norm.eval()  # returns None, so the inputs pass unchanged
 
 
 def check_classes_fit(checkpoint: str, num_classes: int):

@@ -1,4 +1,5 @@
-"""The fine-tuning recipe: a learning rate of its own for the pretrained weights, and steps that hold them still."""
+"""The fine-tuning recipe: a learning rate of its own for the pretrained weights, steps that hold them still, and
+BatchNorm statistics that stay the checkpoint's."""
 
 import shutil
 
@@ -8,9 +9,10 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from modeling_selfie import SelfieForImageClassification
+from selfie_training.classification import freeze_batchnorm_statistics
 from selfie_training.data import RandomStream
 from selfie_training.trainer import SelfieTrainer
-from tests.utils import TINY_MODEL_FLAGS, fine_tune, tiny_config
+from tests.utils import TINY_MODEL_FLAGS, fine_tune, images, tiny_config
 
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics follow the data, frozen or not
@@ -155,3 +157,36 @@ def test_a_run_with_the_pretrained_recipe_resumed_across_the_thaw_ends_where_the
     expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
     for name, tensor in load_file(output / "model.safetensors").items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_frozen_batchnorm_statistics_normalise_as_in_eval_mode_and_stay_as_they_are():
+    config = tiny_config()
+    model = SelfieForImageClassification(config).train()
+    patch_network = model.selfie.patch_network
+    patch_network.forward_features(images(config, batch_size=4) * 3 + 1)  # running statistics away from 0 and 1
+    freeze_batchnorm_statistics(patch_network)
+    statistics = {name: buffer.clone() for name, buffer in patch_network.named_buffers()}
+    pixel_values = images(config, batch_size=4)
+    model.train()  # as Trainer does at every step
+    features = patch_network.forward_features(pixel_values)
+    assert all(buffer.equal(statistics[name]) for name, buffer in patch_network.named_buffers())
+    torch.testing.assert_close(features, patch_network.eval().forward_features(pixel_values))
+    model.train()
+    model(pixel_values, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    assert patch_network.bn1.weight.grad.abs().sum() > 0  # scale and shift still train
+    assert model.layer4[0].bn1.training  # the fresh stage 4 is left alone
+
+
+def test_frozen_pretrained_batchnorm_keeps_the_checkpoints_statistics_through_fine_tuning(tmp_path, pretrained):
+    flags = ["--model_name_or_path", str(pretrained), "--max_steps", "2", "--per_device_train_batch_size", "8",
+             "--max_eval_samples", "16", "--learning_rate", "0.01"]  # fmt: skip
+    start = load_file(f"{pretrained}/model.safetensors")
+    fine_tune(tmp_path / "frozen", *flags, "--freeze_pretrained_batchnorm", "True")
+    fine_tune(tmp_path / "batch", *flags)
+    frozen, batch = (load_file(tmp_path / name / "model.safetensors") for name in ("frozen", "batch"))
+    statistics = [name for name in start if name.startswith("selfie.patch_network.") and name.endswith(BUFFERS)]
+    assert statistics and all(frozen[name].equal(start[name]) for name in statistics)
+    assert not all(batch[name].equal(start[name]) for name in statistics)  # without the flag they follow the batches
+    assert not frozen["selfie.patch_network.bn1.weight"].equal(start["selfie.patch_network.bn1.weight"])
+    with pytest.raises(ValueError, match=r"^--freeze_pretrained_batchnorm needs pretrained weights"):
+        fine_tune(tmp_path / "fresh", *TINY_MODEL_FLAGS, "--max_steps", "1", "--freeze_pretrained_batchnorm", "True")
