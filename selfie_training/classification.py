@@ -3,6 +3,7 @@
 import logging
 from dataclasses import dataclass, field
 
+from timm.data import Mixup
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
@@ -32,7 +33,7 @@ from .runner import (
     setup,
     train_and_evaluate,
 )
-from .trainer import SelfieTrainer
+from .trainer import ClassificationTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,21 @@ class FineTuningArguments(LabelledSubsetArguments):
             "for few labels; fine-tuning only (pretraining's patch-placing task would read its borders)."
         },
     )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Mixup (Zhang et al. 2018): each training batch is blended with itself in reverse order, at a "
+            "ratio drawn from Beta(alpha, alpha), and trained on the blended labels. 0: off."
+        },
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "CutMix (Yun et al. 2019): a box of each training image is pasted from its partner's, its area "
+            "drawn from Beta(alpha, alpha), the labels blended by area. 0: off. With --mixup_alpha too, each batch "
+            "takes one of the two at random."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,6 +115,20 @@ class FineTuningArguments(LabelledSubsetArguments):
             raise UserError(f"--layer_decay {self.layer_decay} must be more than 0 and at most 1.")
         if self.freeze_pretrained_steps < 0:
             raise UserError(f"--freeze_pretrained_steps {self.freeze_pretrained_steps} must be at least 0.")
+        for flag in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, flag) >= 0:
+                raise UserError(f"--{flag} {getattr(self, flag)} must be at least 0.")
+
+    def mixing(self, label_smoothing: float, num_classes: int) -> Mixup | None:
+        """timm's `Mixup` for these flags (the soft targets it makes carry `label_smoothing`), or None: no mixing."""
+        if not (self.mixup_alpha or self.cutmix_alpha):
+            return None
+        return Mixup(
+            mixup_alpha=self.mixup_alpha,
+            cutmix_alpha=self.cutmix_alpha,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
 
 
 # The script's flags, as dataclasses (run_sweep.py checks a sweep's flags against them before running it).
@@ -150,7 +180,7 @@ def main(args: list[str] | None = None) -> dict:
         trivial_augment=finetuning_args.trivial_augment,
     )
     stream = RandomStream(training_args.seed)
-    trainer = SelfieTrainer(
+    trainer = ClassificationTrainer(
         model=model,
         args=training_args,
         train_dataset=with_image_transform(train, train_transform, image_column, label_column, stream=stream),
@@ -165,6 +195,7 @@ def main(args: list[str] | None = None) -> dict:
         pretrained_learning_rate=finetuning_args.pretrained_learning_rate,
         layer_decay=finetuning_args.layer_decay,
         freeze_pretrained_steps=finetuning_args.freeze_pretrained_steps,
+        mixing=finetuning_args.mixing(training_args.label_smoothing_factor, len(names)),
         card={
             "task": "classification",
             "dataset": data_args.source,

@@ -1,5 +1,6 @@
 """`Trainer` pieces of the Selfie scripts: Selfie model cards, a stop on non-finite losses, a checkpoint on SIGINT and
-SIGTERM, checks on the checkpoint to resume, and the candidate accuracy in pretraining logs."""
+SIGTERM, checks on the checkpoint to resume, the candidate accuracy in pretraining logs, and mixed batches in
+fine-tuning."""
 
 import errno
 import functools
@@ -10,6 +11,9 @@ from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from torch import nn
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
@@ -343,6 +347,39 @@ class PretrainingTrainer(SelfieTrainer):
                 logs[self.LOGGED_OUTPUTS[name]] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 4)
             self._output_sums, self._output_steps = {}, 0
         super().log(logs, start_time)
+
+
+class ClassificationTrainer(SelfieTrainer):
+    """The fine-tuning trainer. With `mixing` (timm's `Mixup`: Mixup, CutMix, or either at random), each training batch
+    is mixed and trained on the soft targets it makes, which carry --label_smoothing_factor; evaluation reads the
+    images as they are, with the Trainer's own loss."""
+
+    def __init__(self, *args, mixing: Mixup | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mixing = mixing
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.mixing is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        pixel_values, targets = mix_batch(self.mixing, inputs.pop("pixel_values"), inputs.pop("labels"))
+        outputs = model(pixel_values=pixel_values, **inputs)
+        loss = nn.functional.cross_entropy(outputs.logits.float(), targets)
+        return (loss, outputs) if return_outputs else loss
+
+
+def mix_batch(mixing: Mixup, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch mixed by `mixing` and its soft targets. timm pairs image i with image n-1-i and mixes in place, so
+    the images are copied first; in an odd batch (the epoch's last, or one with unreadable images) the last image
+    has no partner and stays as it is."""
+    paired = len(labels) - len(labels) % 2
+    pixel_values = pixel_values.clone()
+    targets = []
+    if paired:
+        targets.append(mixing(pixel_values[:paired], labels[:paired])[1])  # mixes the view, so pixel_values too
+    if paired < len(labels):
+        targets.append(mixup_target(labels[paired:], mixing.num_classes, 1.0, mixing.label_smoothing))
+    return pixel_values, torch.cat(targets)
 
 
 def pretrained_depths(base_model) -> dict[int, int]:

@@ -1,17 +1,20 @@
-"""The fine-tuning recipe: a learning rate of its own for the pretrained weights, steps that hold them still, and
-BatchNorm statistics that stay the checkpoint's."""
+"""The fine-tuning recipe: a learning rate of its own for the pretrained weights, steps that hold them still,
+BatchNorm statistics that stay the checkpoint's, and mixed training batches."""
 
 import shutil
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file
+from timm.data import Mixup
+from torch.nn.functional import one_hot
 from transformers import TrainingArguments
 
 from modeling_selfie import SelfieForImageClassification
 from selfie_training.classification import freeze_batchnorm_statistics
 from selfie_training.data import RandomStream
-from selfie_training.trainer import SelfieTrainer
+from selfie_training.trainer import ClassificationTrainer, SelfieTrainer, mix_batch
 from tests.utils import TINY_MODEL_FLAGS, fine_tune, images, tiny_config
 
 
@@ -190,3 +193,62 @@ def test_frozen_pretrained_batchnorm_keeps_the_checkpoints_statistics_through_fi
     assert not frozen["selfie.patch_network.bn1.weight"].equal(start["selfie.patch_network.bn1.weight"])
     with pytest.raises(ValueError, match=r"^--freeze_pretrained_batchnorm needs pretrained weights"):
         fine_tune(tmp_path / "fresh", *TINY_MODEL_FLAGS, "--max_steps", "1", "--freeze_pretrained_batchnorm", "True")
+
+
+def test_mixup_blends_each_image_with_its_reverse_partner_and_their_labels_alike():
+    numpy.random.seed(0)
+    mixing = Mixup(mixup_alpha=1.0, label_smoothing=0.0, num_classes=3)
+    pixel_values, labels = torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 2, 1, 2])
+    mixed, targets = mix_batch(mixing, pixel_values, labels)
+    lam = targets[0, 0].item()  # image 0 (class 0) is blended with image 3 (class 1)
+    assert 0 < lam < 1
+    for i, partner in ((0, 3), (1, 2), (2, 1), (3, 0)):
+        torch.testing.assert_close(mixed[i], lam * pixel_values[i] + (1 - lam) * pixel_values[partner])
+        expected = lam * one_hot(labels[i], 3).float() + (1 - lam) * one_hot(labels[partner], 3).float()
+        torch.testing.assert_close(targets[i], expected)
+    assert mixed[4].equal(pixel_values[4])  # an odd batch's last image has no partner
+    assert targets[4].tolist() == [0.0, 0.0, 1.0]
+    assert not mixed[0].equal(pixel_values[0])  # the caller's batch is left as it was: mixed in a copy
+
+
+def test_cutmix_pastes_a_box_of_the_partner_and_weighs_the_labels_by_its_area():
+    mixing = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=2)
+    pixel_values = torch.stack([torch.full((3, 8, 8), 0.0), torch.full((3, 8, 8), 1.0)])
+    smoothed = torch.tensor([[0.95, 0.05], [0.05, 0.95]])  # label smoothing 0.1 over 2 classes
+    numpy.random.seed(0)
+    shares = []
+    for _ in range(5):  # boxes of several sizes (a small one may round to nothing)
+        mixed, targets = mix_batch(mixing, pixel_values, torch.tensor([0, 1]))
+        from_partner = (mixed[0] == 1.0).float().mean().item()  # image 0's pixels taken from image 1
+        assert set(mixed.unique().tolist()) <= {0.0, 1.0}  # pasted, not blended
+        torch.testing.assert_close(targets[0], (1 - from_partner) * smoothed[0] + from_partner * smoothed[1])
+        shares.append(from_partner)
+    assert any(0 < share < 1 for share in shares)
+
+
+def test_mixed_training_batches_train_on_soft_targets_and_evaluation_reads_images_as_they_are(tmp_path):
+    model = SelfieForImageClassification(tiny_config(num_labels=3))
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    mixing = Mixup(mixup_alpha=1.0, label_smoothing=0.0, num_classes=3)
+    trainer = ClassificationTrainer(model=model, args=arguments, card={}, data_stream=RandomStream(0), mixing=mixing)
+    inputs = {"pixel_values": images(model.config, batch_size=4), "labels": torch.tensor([0, 1, 2, 0])}
+    model.eval()  # the same features either way: no batch statistics in the comparison
+    numpy.random.seed(0)
+    mixed, targets = mix_batch(mixing, inputs["pixel_values"], inputs["labels"])
+    expected = torch.nn.functional.cross_entropy(model(mixed).logits, targets)
+    model.training = True  # what compute_loss reads, with no module's behaviour changed
+    numpy.random.seed(0)
+    torch.testing.assert_close(trainer.compute_loss(model, inputs), expected)
+    model.training = False
+    torch.testing.assert_close(trainer.compute_loss(model, inputs), model(**inputs).loss)
+
+
+def test_mixing_flags_change_the_run_and_refuse_negative_strengths(tmp_path):
+    flags = [*TINY_MODEL_FLAGS, "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "16"]
+    plain = fine_tune(tmp_path / "plain", *flags)
+    cutmix = fine_tune(tmp_path / "cutmix", *flags, "--cutmix_alpha", "1.0", "--mixup_alpha", "0.2")
+    assert cutmix["train_loss"] != plain["train_loss"]
+    plain_weights, cutmix_weights = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "cutmix"))
+    assert not plain_weights["classifier.weight"].equal(cutmix_weights["classifier.weight"])
+    with pytest.raises(ValueError, match=r"^--cutmix_alpha -1.0 must be at least 0"):
+        fine_tune(tmp_path / "negative", *flags, "--cutmix_alpha", "-1")
