@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""A pretraining checkpoint's candidate accuracy under the training and the evaluation transforms, on training and
-validation images, with BatchNorm on its running statistics or on the batch's: where training and validation
+"""A pretraining checkpoint's candidate accuracy under the training transforms (pretraining's crop, the same crop
+unaligned to the patch grid, and the padded crop) and the evaluation transform, on training and validation images, with BatchNorm on its running statistics or on the batch's: where training and validation
 disagree, this tells overfitting, BatchNorm's shared statistics and a shortcut in the training transform apart.
 
     python benchmarks/candidate_accuracy_by_transform.py CHECKPOINT --dataset_name ../shared/data/cifar10
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
     args = parser.parse_args(argv)
     pretrained, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
     transforms = {
-        "training (borderless)": image_transform(processor, train=True, borderless=True),
+        "training (pretraining's)": image_transform(processor, train=True, patch_grid=pretrained.config.grid_size),
+        # The same crop with any sides (a grid of one cell): resampled at offsets that drift from patch to patch.
+        "training (unaligned)": image_transform(processor, train=True, patch_grid=(1, 1)),
         "training (padded)": image_transform(processor, train=True),
         "evaluation": image_transform(processor, train=False),
     }

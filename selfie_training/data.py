@@ -417,30 +417,53 @@ class KeepOneChannel(torch.nn.Module):
         return image * (torch.arange(image.shape[0]) == keep).view(-1, 1, 1)
 
 
-# The share of a small image that a borderless training crop keeps, at least (see `image_transform`).
+class GridAlignedResizedCrop(v2.RandomResizedCrop):
+    """A random resized crop whose sides are whole multiples of the patch grid's rows and columns, so that each
+    patch of the output is resampled from a whole number of source pixels, all patches at the same sub-pixel offsets.
+    With any other side the offsets drift from patch to patch: the interpolation leaves a pattern that tells a patch
+    where it lies, a shortcut through the patch-placing task that evaluation images (not resampled) do not offer,
+    and one that a patch network with width to spare learns (docs/cifar10-cpu-ablation.md)."""
+
+    def __init__(self, size, grid: tuple[int, int], scale: tuple[float, float]):
+        super().__init__(size, scale=scale)
+        self.grid = grid
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = super().make_params(flat_inputs)
+        for side, cells in zip(("height", "width"), self.grid, strict=True):
+            # Shortened, never lengthened: the crop stays inside the image (an image under a grid's width keeps it).
+            params[side] -= params[side] % cells if params[side] >= cells else 0
+        return params
+
+
+# The share of an image that a pretraining crop keeps, at least, for small images and for the rest (see
+# `image_transform`).
 SMALL_IMAGE_CROP_SCALE = (0.5, 1.0)
+LARGE_IMAGE_CROP_SCALE = (0.08, 1.0)
 
 
 def image_transform(
     processor: BitImageProcessor,
     train: bool,
     channel_drop_prob: float = 0.0,
-    borderless: bool = False,
+    patch_grid: tuple[int, int] | None = None,
     trivial_augment: bool = False,
 ) -> v2.Compose:
     """RGB PIL image -> normalised tensor, with the sizes and normalisation of the model's image processor.
     Training: padded random crop and flip for images up to 64 pixels, random resized crop and flip above, on uint8
     tensors (torchvision's tensor kernels resize about twice as fast as PIL: the data loader keeps up with fewer
     workers). Evaluation: resize the shortest edge (with PIL) and centre crop, as the image processor does.
-    `borderless` (pretraining): small images too get a random resized crop (of at least half the image), never
-    padding: the padded border, reflected or blank, tells a patch at the edge where it lies, a shortcut through
-    the patch-placing task that evaluation images do not offer. `trivial_augment` (fine-tuning): TrivialAugment
-    after the crop and flip, on the uint8 image."""
+    `patch_grid` (pretraining: the model's rows and columns of patches): a random resized crop for every size (of at
+    least half a small image), never padding, since the padded border, reflected or blank, tells a patch at the edge
+    where it lies; and aligned to the grid (`GridAlignedResizedCrop`), since unaligned resampling tells every patch
+    where it lies. Both are shortcuts through the patch-placing task that evaluation images do not offer.
+    `trivial_augment` (fine-tuning): TrivialAugment after the crop and flip, on the uint8 image."""
     size = (processor.crop_size["height"], processor.crop_size["width"])
     if not train:
         steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()]
-    elif max(size) <= 64 and borderless:
-        steps = [v2.ToImage(), v2.RandomResizedCrop(size, scale=SMALL_IMAGE_CROP_SCALE), v2.RandomHorizontalFlip()]
+    elif patch_grid is not None:
+        scale = SMALL_IMAGE_CROP_SCALE if max(size) <= 64 else LARGE_IMAGE_CROP_SCALE
+        steps = [v2.ToImage(), GridAlignedResizedCrop(size, patch_grid, scale), v2.RandomHorizontalFlip()]
     elif max(size) <= 64:
         crop = v2.RandomCrop(size, padding=min(size) // 8, padding_mode="reflect")
         steps = [v2.ToImage(), v2.Resize(min(size)), crop, v2.RandomHorizontalFlip()]

@@ -112,7 +112,7 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         train_norm_layers_only(model)
 
     train_transform = image_transform(
-        image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob, borderless=True
+        image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob, patch_grid=config.grid_size
     )
     eval_transform = image_transform(image_processor, train=False)
     mask_sizes = (config.num_patches, config.num_masked_patches)

@@ -37,7 +37,7 @@ def test_validation_images_under_the_evaluation_transform_give_the_runs_own_cand
 ):
     output_dir, metrics = pretrained
     accuracies = candidate_accuracy_by_transform.main([str(output_dir), "--dataset_name", str(parquet_folder), *FLAGS])
-    transforms = ("training (borderless)", "training (padded)", "evaluation")
+    transforms = ("training (pretraining's)", "training (unaligned)", "training (padded)", "evaluation")
     assert set(accuracies) == {
         (split, transform, on_batch)
         for split in ("train", "validation")

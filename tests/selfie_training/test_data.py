@@ -9,10 +9,13 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
+from torchvision.transforms import v2
 
 from modeling_selfie import preset_image_processor
 from selfie_training.data import (
+    SMALL_IMAGE_CROP_SCALE,
     DataArguments,
+    GridAlignedResizedCrop,
     KeepOneChannel,
     RandomStream,
     check_labels,
@@ -281,7 +284,7 @@ def test_pretraining_crops_of_small_images_add_no_border():
     ramp = Image.fromarray(
         np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, axis=0).repeat(3, axis=2).astype(np.uint8)
     )
-    borderless = image_transform(processor, train=True, borderless=True)
+    borderless = image_transform(processor, train=True, patch_grid=(4, 4))
     padded = image_transform(processor, train=True)
     torch.manual_seed(0)
 
@@ -291,6 +294,38 @@ def test_pretraining_crops_of_small_images_add_no_border():
 
     assert all(monotonic_rows(borderless(ramp)) for _ in range(50))
     assert not all(monotonic_rows(padded(ramp)) for _ in range(50))
+
+
+def patch_offsets(crop: v2.RandomResizedCrop, patch: int) -> list[torch.Tensor]:
+    """For one draw of `crop` on a 32x32 horizontal ramp (each pixel's value its column), the column each output
+    pixel was interpolated at, less that of the same pixel of the first patch: whole numbers exactly where every
+    patch is resampled at the same sub-pixel offsets. Bilinear upsampling reproduces a ramp exactly; the first and
+    last pixels of the image, clamped at the crop's edge, are left out."""
+    ramp = torch.arange(32.0).expand(1, 32, 32)
+    columns = crop(ramp)[0, 0]
+    first = columns[1 : patch - 1]
+    return [columns[k * patch + 1 : (k + 1) * patch - 1] - first for k in range(1, 32 // patch)]
+
+
+def test_pretraining_crops_resample_every_patch_at_the_same_offsets():
+    """Sides that are multiples of the grid's 4 cells put every 8-pixel patch on the same sub-pixel offsets, so the
+    interpolation cannot tell a patch where it lies; torchvision's crop with any side drifts them."""
+    torch.manual_seed(0)
+    aligned = GridAlignedResizedCrop(32, (4, 4), SMALL_IMAGE_CROP_SCALE)
+    plain = v2.RandomResizedCrop(32, scale=SMALL_IMAGE_CROP_SCALE)
+
+    def whole(offsets: list[torch.Tensor]) -> bool:
+        return all(torch.allclose(o, o.round(), atol=1e-4) for o in offsets)
+
+    sides = set()
+    for _ in range(50):
+        params = aligned.make_params([torch.zeros(3, 32, 32)])
+        sides |= {params["height"], params["width"]}
+        assert params["height"] % 4 == params["width"] % 4 == 0
+        assert params["top"] + params["height"] <= 32 and params["left"] + params["width"] <= 32
+    assert len(sides) > 1 and min(sides) >= 16  # random sides, at least half the image's area kept
+    assert all(whole(patch_offsets(aligned, 8)) for _ in range(50))
+    assert not all(whole(patch_offsets(plain, 8)) for _ in range(50))
 
 
 @pytest.mark.parametrize(
