@@ -430,9 +430,13 @@ class GridAlignedResizedCrop(v2.RandomResizedCrop):
 
     def make_params(self, flat_inputs: list) -> dict:
         params = super().make_params(flat_inputs)
-        for side, cells in zip(("height", "width"), self.grid, strict=True):
-            # Shortened, never lengthened: the crop stays inside the image (an image under a grid's width keeps it).
-            params[side] -= params[side] % cells if params[side] >= cells else 0
+        image_size = v2.functional.get_size(flat_inputs[0])
+        for side, start, cells, size in zip(("height", "width"), ("top", "left"), self.grid, image_size, strict=True):
+            if size >= cells:  # (an image narrower than the grid keeps its crop)
+                # The nearest multiple, so that the crops keep torchvision's distribution of scales, moved back
+                # inside the image where it grew past the edge.
+                params[side] = min(max(cells, cells * round(params[side] / cells)), size - size % cells)
+                params[start] = min(params[start], size - params[side])
         return params
 
 
