@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """A pretraining checkpoint's candidate accuracy under the training transforms (pretraining's crop, the same crop
-unaligned to the patch grid, and the padded crop) and the evaluation transform, on training and validation images, with BatchNorm on its running statistics or on the batch's: where training and validation
-disagree, this tells overfitting, BatchNorm's shared statistics and a shortcut in the training transform apart.
+unaligned to the patch grid, and the padded crop) and the evaluation transform, on training and validation images,
+with BatchNorm on its running statistics or on the batch's: where training and validation disagree, this tells
+overfitting, BatchNorm's shared statistics and a shortcut in the training transform apart.
 
     python benchmarks/candidate_accuracy_by_transform.py CHECKPOINT --dataset_name ../shared/data/cifar10
 
