@@ -6,6 +6,10 @@ overfitting, BatchNorm's shared statistics and a shortcut in the training transf
 
     python benchmarks/candidate_accuracy_by_transform.py CHECKPOINT --dataset_name ../shared/data/cifar10
 
+`--num_masked_patches N` scores Selfie's own task with N positions hidden at random, whatever the checkpoint was
+pretrained with: `--num_masked_patches 4` puts a checkpoint of the split objective (8 of 16 hidden, chance 12.5%) on
+the paper's CIFAR-10 task (4 of 16, chance 25%), the setting of the paper's own candidate accuracies.
+
 The splits are the training scripts' (--max_eval_samples 2000 held out with --split_seed 0); `--samples` images of
 each are scored, with masks drawn from seed 0. Used for docs/cifar10-cpu-ablation.md.
 """
@@ -16,7 +20,7 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from modeling_selfie import SelfieForMaskedPatchPrediction
+from modeling_selfie import SelfieConfig, SelfieForMaskedPatchPrediction
 from selfie_training.data import (
     DataArguments,
     RandomStream,
@@ -43,10 +47,21 @@ def candidate_accuracy(model, dataset, batch_norm_on_batch: bool, batch_size: in
     return correct / total
 
 
-def load_checkpoint(checkpoint: str, dataset_name: str, max_eval_samples: int = 2000) -> tuple:
+def load_checkpoint(
+    checkpoint: str, dataset_name: str, max_eval_samples: int = 2000, num_masked_patches: int | None = None
+) -> tuple:
     """A pretraining checkpoint, its image processor, and the training scripts' splits (--max_eval_samples held out
-    with --split_seed 0)."""
-    model = SelfieForMaskedPatchPrediction.from_pretrained(checkpoint)
+    with --split_seed 0). With `num_masked_patches`, the model scores Selfie's own task with that many positions
+    hidden at random (the split objective's second direction and contrastive term need half the grid: dropped)."""
+    config = SelfieConfig.from_pretrained(checkpoint)
+    if num_masked_patches is not None:
+        changes = {
+            "masking_strategy": "random",
+            "num_masked_patches": num_masked_patches,
+            "image_contrastive_weight": 0,
+        }
+        config = SelfieConfig.from_dict({**config.to_dict(), **changes})  # validated as a whole
+    model = SelfieForMaskedPatchPrediction.from_pretrained(checkpoint, config=config)
     processor = load_image_processor(ModelArguments(model_name_or_path=checkpoint), "cifar10", model.config)
     splits = load_splits(DataArguments(dataset_name=dataset_name, max_eval_samples=max_eval_samples))
     return model, processor, splits
@@ -64,8 +79,16 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
     parser.add_argument("--dataset_name", required=True)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
+    parser.add_argument(
+        "--num_masked_patches", type=int, help="Hide this many positions at random (default: the checkpoint's task)."
+    )
     args = parser.parse_args(argv)
-    pretrained, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
+    try:
+        pretrained, processor, splits = load_checkpoint(
+            args.checkpoint, args.dataset_name, args.max_eval_samples, args.num_masked_patches
+        )
+    except ValueError as error:  # the config's checks name the field and value
+        parser.error(str(error).splitlines()[0])
     transforms = {
         "training (pretraining's)": image_transform(processor, train=True, patch_grid=pretrained.config.grid_size),
         # The same crop with any sides (a grid of one cell): resampled at offsets that drift from patch to patch.

@@ -45,3 +45,45 @@ def test_validation_images_under_the_evaluation_transform_give_the_runs_own_cand
         for on_batch in (False, True)
     }
     assert accuracies["validation", "evaluation", False] == pytest.approx(metrics["eval_candidate_accuracy"], abs=1e-6)
+
+
+def test_another_number_of_hidden_patches_scores_selfies_own_task_on_it(parquet_folder, tmp_path):
+    """A checkpoint of the split objective (8 of 16 hidden) scored on the paper's task, 4 of 16 hidden at random: one
+    direction, 4 candidates, and the same figure from the benchmark as from the model it loads."""
+    flags = [
+        "--dataset_name",
+        str(parquet_folder),
+        *FLAGS,
+        "--max_steps",
+        "2",
+        "--config_overrides",
+        "masking_strategy=split",
+    ]
+    assert pretrain(tmp_path, *flags)["eval_candidate_accuracy"] >= 0
+    model, processor, splits = candidate_accuracy_by_transform.load_checkpoint(
+        str(tmp_path), str(parquet_folder), 16, num_masked_patches=4
+    )
+    assert (model.config.masking_strategy, model.config.num_masked_patches) == ("random", 4)
+    images = splits["validation"]
+    transform = candidate_accuracy_by_transform.image_transform(processor, train=False)
+    batch = candidate_accuracy_by_transform.collate_images(
+        [candidate_accuracy_by_transform.masked_images(images, transform, model.config)[i] for i in range(len(images))]
+    )
+    model.eval()
+    outputs = model(batch["pixel_values"], bool_masked_pos=batch["bool_masked_pos"])
+    assert outputs.logits.shape == (len(images), 4, 4) and outputs.reverse_logits is None
+    accuracies = candidate_accuracy_by_transform.main(
+        [str(tmp_path), "--dataset_name", str(parquet_folder), *FLAGS, "--num_masked_patches", "4"]
+    )
+    assert accuracies["validation", "evaluation", False] == pytest.approx(outputs.accuracy.item(), abs=1e-6)
+
+
+def test_a_number_of_hidden_patches_the_grid_cannot_hold_is_refused_in_one_line(pretrained, parquet_folder, capsys):
+    output_dir, _ = pretrained
+    with pytest.raises(SystemExit) as exit_info:
+        candidate_accuracy_by_transform.main(
+            [str(output_dir), "--dataset_name", str(parquet_folder), *FLAGS, "--num_masked_patches", "16"]
+        )
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "num_masked_patches" in message and "16" in message
