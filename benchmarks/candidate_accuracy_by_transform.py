@@ -20,7 +20,7 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from modeling_selfie import SelfieConfig, SelfieForMaskedPatchPrediction
+from modeling_selfie import SelfieForMaskedPatchPrediction
 from selfie_training.data import (
     DataArguments,
     RandomStream,
@@ -30,7 +30,8 @@ from selfie_training.data import (
     load_splits,
     with_image_transform,
 )
-from selfie_training.runner import ModelArguments, load_image_processor
+from selfie_training.errors import UserError
+from selfie_training.runner import ModelArguments, build_config, load_image_processor
 
 
 @torch.no_grad()
@@ -53,16 +54,13 @@ def load_checkpoint(
     """A pretraining checkpoint, its image processor, and the training scripts' splits (--max_eval_samples held out
     with --split_seed 0). With `num_masked_patches`, the model scores Selfie's own task with that many positions
     hidden at random (the split objective's second direction and contrastive term need half the grid: dropped)."""
-    config = SelfieConfig.from_pretrained(checkpoint)
+    model_args = ModelArguments(model_name_or_path=checkpoint)
+    task = {}  # the checkpoint's own
     if num_masked_patches is not None:
-        changes = {
-            "masking_strategy": "random",
-            "num_masked_patches": num_masked_patches,
-            "image_contrastive_weight": 0,
-        }
-        config = SelfieConfig.from_dict({**config.to_dict(), **changes})  # validated as a whole
+        task = {"masking_strategy": "random", "num_masked_patches": num_masked_patches, "image_contrastive_weight": 0}
+    config = build_config(model_args, "cifar10", **task)  # validated as the training scripts do: one-line UserErrors
     model = SelfieForMaskedPatchPrediction.from_pretrained(checkpoint, config=config)
-    processor = load_image_processor(ModelArguments(model_name_or_path=checkpoint), "cifar10", model.config)
+    processor = load_image_processor(model_args, "cifar10", model.config)
     splits = load_splits(DataArguments(dataset_name=dataset_name, max_eval_samples=max_eval_samples))
     return model, processor, splits
 
@@ -87,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
         pretrained, processor, splits = load_checkpoint(
             args.checkpoint, args.dataset_name, args.max_eval_samples, args.num_masked_patches
         )
-    except ValueError as error:  # the config's checks name the field and value
-        parser.error(str(error).splitlines()[0])
+    except UserError as error:  # names the field and value at fault
+        parser.error(str(error))
     transforms = {
         "training (pretraining's)": image_transform(processor, train=True, patch_grid=pretrained.config.grid_size),
         # The same crop with any sides (a grid of one cell): resampled at offsets that drift from patch to patch.
