@@ -27,6 +27,7 @@ from .runner import (
     ModelArguments,
     build_config,
     build_model,
+    check_there_is_work,
     load_image_processor,
     parse_arguments,
     save_labelled_subset,
@@ -137,6 +138,7 @@ ARGUMENTS = (ModelArguments, FineTuningArguments, DataArguments, TrainingArgumen
 
 def main(args: list[str] | None = None) -> dict:
     model_args, finetuning_args, data_args, training_args = parse_arguments(ARGUMENTS, args)
+    check_there_is_work(training_args)
     setup(training_args)
     pretrained = model_args.model_name_or_path is not None or model_args.backbone_weights is not None
     flags_for_pretrained_weights = {
@@ -157,7 +159,7 @@ def main(args: list[str] | None = None) -> dict:
     splits = load_splits(data_args)
     train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
     train, indices = finetuning_args.select(train, label_column)
-    if indices is not None and training_args.should_save:
+    if indices is not None and training_args.do_train and training_args.should_save:  # the images that train it
         save_labelled_subset(training_args.output_dir, finetuning_args.label_seed, indices)
 
     preset = choose_preset(data_args, splits["train"], image_column)

@@ -28,6 +28,7 @@ from .runner import (
     ModelArguments,
     build_config,
     build_model,
+    check_there_is_work,
     load_image_processor,
     parse_arguments,
     setup,
@@ -79,6 +80,7 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
     resume from (the benchmarks time this trainer's steps)."""
     model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(ARGUMENTS, args)
+    check_there_is_work(training_args)
     setup(training_args)
     # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
     # the metrics, and compute the evaluation loss, as it does for labels.

@@ -101,6 +101,13 @@ def check_data_loading(training_args: TrainingArguments):
         )
 
 
+def check_there_is_work(training_args: TrainingArguments):
+    """Refuse a training script's run with neither --do_train nor --do_eval, which (as in the transformers examples)
+    would load the data and the model, do nothing with them, and write a model card over the one in --output_dir."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise UserError("Neither --do_train nor --do_eval is given, so the run would do nothing: give either or both.")
+
+
 def setup(training_args: TrainingArguments):
     """Logging as the transformers examples set it up, and an --output_dir that can be written."""
     check_output_dir(training_args.output_dir)
@@ -349,8 +356,9 @@ def _are_numbers(value, count: int) -> bool:
 
 def train_and_evaluate(trainer, training_args: TrainingArguments, image_processor, checkpoint: str | None) -> dict:
     """Train (resuming from `checkpoint`), save the model and its image processor, evaluate, save the metrics as
-    JSON, and write the model card. Returns the metrics. Releases the --output_dir lock of `find_last_checkpoint`,
-    however it ends, so that the next run (in this process or another) can take it."""
+    JSON, and write the model card (a run that does not train keeps a card already in --output_dir). Returns the
+    metrics. Releases the --output_dir lock of `find_last_checkpoint`, however it ends, so that the next run (in this
+    process or another) can take it."""
     try:
         with stop_when_disk_full(training_args.output_dir):
             return _train_and_evaluate(trainer, training_args, image_processor, checkpoint)
@@ -383,7 +391,11 @@ def _train_and_evaluate(trainer, training_args: TrainingArguments, image_process
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    trainer.create_model_card()
+    card = os.path.join(training_args.output_dir, "README.md")
+    if training_args.do_train or not os.path.exists(card):
+        trainer.create_model_card()
+    else:  # an evaluation of a trained model in its own folder: its card keeps the training that made it
+        logger.info("Kept the model card %s: a run that does not train writes none over one.", card)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics

@@ -11,7 +11,9 @@ from transformers import TrainingArguments
 
 import run_evaluation
 from modeling_selfie import SelfieConfig, SelfieForImageClassification
+from selfie_training import classification, pretraining
 from selfie_training.data import RandomStream
+from selfie_training.errors import UserError
 from selfie_training.model_card import (
     describe_objective,
     hub_dataset_id,
@@ -224,3 +226,25 @@ def test_hub_dataset_and_base_model_of_a_run_from_the_hub(tmp_path, do_train):
 )
 def test_the_objective_is_named_with_every_field_that_changes_it(fields, objective):
     assert describe_objective(SelfieConfig.from_preset("cifar10", **fields)) == objective
+
+
+@pytest.mark.parametrize("script", [pretraining, classification])
+def test_a_run_that_neither_trains_nor_evaluates_is_refused_and_touches_no_card(pretrained, script):
+    card = (pretrained / "README.md").read_bytes()
+    with pytest.raises(UserError, match=r"^Neither --do_train nor --do_eval is given, so the run would do nothing"):
+        script.main(["--output_dir", str(pretrained), "--model_name_or_path", str(pretrained), *QUIET_FLAGS])
+    assert (pretrained / "README.md").read_bytes() == card
+
+
+def test_an_evaluation_in_a_trained_models_folder_keeps_its_card_and_writes_no_labelled_subset(tmp_path, fine_tuned):
+    folder = Path(shutil.copytree(fine_tuned, tmp_path / "classifier"))
+    card = (folder / "README.md").read_bytes()
+    flags = ["--model_name_or_path", str(folder), "--max_eval_samples", "8", "--label_fraction", "0.5"]
+    metrics = classification.main(["--output_dir", str(folder), "--do_eval", *QUIET_FLAGS, *flags])
+    assert json.loads((folder / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+    assert (folder / "README.md").read_bytes() == card  # the card of the training, not of this evaluation
+    assert not (folder / "labelled_subset.json").exists()  # no image trained in this run
+
+    fresh = tmp_path / "evaluation"  # elsewhere, the evaluation gets its own card
+    classification.main(["--output_dir", str(fresh), "--do_eval", *QUIET_FLAGS, *flags])
+    assert results_by_metric(card_of(fresh))["accuracy"].metric_value == metrics["eval_accuracy"]
