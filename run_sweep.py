@@ -205,7 +205,8 @@ def run_directory(sweep: Sweep, method: str, fraction: float, seed: int) -> str:
 
 
 def summarise(accuracies: dict) -> list[dict]:
-    """Mean and sample standard deviation (in %) of each method at each fraction, and Selfie's gain."""
+    """Mean and sample standard deviation (in %) of each method at each fraction, and Selfie's gain. One run has no
+    standard deviation: it is None (null in results.json), not a spread of 0."""
     rows = []
     for fraction, by_method in accuracies.items():
         row = {"label_fraction": fraction}
@@ -213,7 +214,7 @@ def summarise(accuracies: dict) -> list[dict]:
             percent = 100 * np.asarray(values)
             row[method] = {
                 "mean": float(percent.mean()),
-                "std": float(percent.std(ddof=1)) if len(percent) > 1 else 0.0,
+                "std": float(percent.std(ddof=1)) if len(percent) > 1 else None,
                 "runs": [float(v) for v in percent],
             }
         row["delta"] = row["selfie"]["mean"] - row["scratch"]["mean"]
@@ -227,10 +228,18 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
-        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in METHODS]
+        cells = [mean_and_std(row[method]) for method in METHODS]
         lines.append(f"| {row['label_fraction']:.0%} | {cells[0]} | {cells[1]} | {row['delta']:+.1f} |")
     runs = len(rows[0]["selfie"]["runs"])
+    if runs == 1:
+        return "\n".join(lines) + "\n\nTop-1 validation accuracy (%) of one seed: add seeds to see how far it moves."
     return "\n".join(lines) + f"\n\nTop-1 validation accuracy (%), mean ± std over {runs} seeds."
+
+
+def mean_and_std(summary: dict) -> str:
+    if summary["std"] is None:
+        return f"{summary['mean']:.1f}"
+    return f"{summary['mean']:.1f} ± {summary['std']:.1f}"
 
 
 def plot(rows: list[dict], path: str):
@@ -239,7 +248,7 @@ def plot(rows: list[dict], path: str):
     for method, label in (("scratch", "supervised (scratch)"), ("selfie", "Selfie pretrained")):
         means = [row[method]["mean"] for row in rows]
         stds = [row[method]["std"] for row in rows]
-        axes.errorbar(fractions, means, yerr=stds, marker="o", capsize=3, label=label)
+        axes.errorbar(fractions, means, yerr=None if None in stds else stds, marker="o", capsize=3, label=label)
     axes.set_xscale("log")
     axes.set_xticks(fractions, [f"{f:g}%" for f in fractions])
     axes.minorticks_off()

@@ -158,3 +158,17 @@ def test_a_missing_base_is_named(tmp_path):
     message = f"{tmp_path / 'sweep.json'}: base none.json is not a file ({tmp_path / 'none.json'};"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         run_sweep.Sweep.from_json(str(tmp_path / "sweep.json"))
+
+
+def test_the_summary_gives_the_sample_std_and_no_spread_for_one_seed(tmp_path):
+    two = run_sweep.summarise({0.05: {"scratch": [0.40, 0.44], "selfie": [0.50, 0.56]}})
+    assert two[0]["selfie"]["std"] == pytest.approx(100 * 0.06 / 2**0.5) and two[0]["delta"] == pytest.approx(11)
+    assert "| 5% | 42.0 ± 2.8 | 53.0 ± 4.2 | +11.0 |" in run_sweep.markdown_table(two)
+
+    one = run_sweep.summarise({0.05: {"scratch": [0.40], "selfie": [0.50]}})
+    assert one[0]["scratch"]["std"] is None  # undefined, not 0
+    table = run_sweep.markdown_table(one)
+    assert "| 5% | 40.0 | 50.0 | +10.0 |" in table and "±" not in table.splitlines()[2]
+    assert "of one seed" in table
+    run_sweep.plot(one, str(tmp_path / "one.png"))
+    assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
