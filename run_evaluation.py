@@ -146,7 +146,7 @@ def main(args: list[str] | None = None) -> dict:
             set_section(card, "frozen_features", results_markdown(results, eval_args, subset_args, data_args.source))
             # The same figures in the card's YAML header, where the Hub reads results (`model-index`).
             settings = {
-                "knn": {"k": eval_args.knn_k, "temperature": eval_args.knn_temperature},
+                "knn": {"k": results.get("knn_k"), "temperature": eval_args.knn_temperature},
                 "linear_probe": {"weight_decay": eval_args.probe_weight_decay},
             }
             set_frozen_feature_results(
@@ -171,8 +171,9 @@ def check_finite(features: torch.Tensor, split: str, model_args: ModelArguments)
 def evaluate(train, test, num_classes: int, args: EvaluationArguments) -> dict:
     results = {}
     if "knn" in args.protocols:
-        results.update(knn_accuracy(train, test, num_classes, k=args.knn_k, temperature=args.knn_temperature))
-        results.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+        k = min(args.knn_k, len(train.labels))  # the k that votes: no more neighbours than training images
+        results.update(knn_accuracy(train, test, num_classes, k=k, temperature=args.knn_temperature))
+        results.update(knn_k=k, knn_temperature=args.knn_temperature)
     if "linear_probe" in args.protocols:
         results.update(
             linear_probe_accuracy(
@@ -198,7 +199,7 @@ def results_markdown(
 ) -> str:
     """The model card's table: top-1 and top-5 accuracy (%) of each protocol run."""
     names = {
-        "knn": f"k-NN (k={args.knn_k}, temperature {args.knn_temperature})",
+        "knn": f"k-NN (k={results.get('knn_k')}, temperature {args.knn_temperature})",
         "linear_probe": f"linear probe (L-BFGS, weight decay {args.probe_weight_decay:g})",
     }
     subset = f", {subset_args.describe().lower()}" if subset_args.selects_subset else ""

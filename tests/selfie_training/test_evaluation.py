@@ -364,9 +364,10 @@ def test_evaluation_writes_the_figures_and_puts_them_into_the_card(tmp_path, pre
         text = file.read()
     assert text.count("## Frozen-feature evaluation") == 1  # the second run replaced the first's figures
     assert text.index("## Frozen-feature evaluation") < text.index("## Training data")
-    assert "k=200" in text and "k=10" not in text
+    assert results["knn_k"] == 50  # the default 200 asks for more neighbours than the 50 labelled images
+    assert "k=50" in text and "k=10" not in text
     assert (
-        f"| k-NN (k=200, temperature 0.07) | {100 * results['knn_top1']:.1f} | {100 * results['knn_top5']:.1f} |"
+        f"| k-NN (k=50, temperature 0.07) | {100 * results['knn_top1']:.1f} | {100 * results['knn_top5']:.1f} |"
         in text
     )
 

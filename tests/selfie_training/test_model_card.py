@@ -145,7 +145,9 @@ def test_run_evaluation_adds_its_figures_to_the_model_index(tmp_path, pretrained
         second["knn_top1"],
         second["knn_top5"],
     )
-    assert results["knn_top1"].metric_args == {"k": 200, "temperature": 0.07}
+    assert second["knn_k"] == 100  # the default 200, but only 100 training images can vote
+    assert results["knn_top1"].metric_args == {"k": 100, "temperature": 0.07}
+    assert "k-NN (k=100, temperature 0.07)" in card.text
     assert card.data.model_name == "selfie-digits" and card.data.metrics == ["accuracy"]
     assert card.text.count("## Frozen-feature evaluation") == 1
 
