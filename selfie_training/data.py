@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
@@ -256,6 +256,9 @@ def _check_column(name: str, columns: list[str], flag: str):
         raise UserError(f"{flag} {name!r} is not a column of the dataset; its columns are {columns}.")
 
 
+CLASS_DTYPES = ("int", "uint", "string", "large_string", "bool")  # the `Value` types that hold a class
+
+
 def encode_labels(dataset, label_column: str, names: list[str] | None = None) -> tuple:
     """The dataset with its label column as a `ClassLabel`, and the class names. A column that is not one already
     is encoded with `names` (train's classes) where given, else with its own sorted values."""
@@ -266,6 +269,7 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
         raise UserError(f"Streamed label column {label_column!r} must be a ClassLabel to know the classes.")
     if not isinstance(dataset, IterableDataset):
         _check_no_missing_labels(dataset, label_column)
+        _check_one_class_per_image(dataset, label_column, feature)
     if isinstance(feature, ClassLabel):
         return dataset, list(feature.names)
     if names is None:
@@ -281,6 +285,24 @@ def encode_labels(dataset, label_column: str, names: list[str] | None = None) ->
         lambda batch: {label_column: [ids[str(value)] for value in batch[label_column]]}, batched=True
     )
     return encoded.cast_column(label_column, ClassLabel(names=names)), names
+
+
+def _check_one_class_per_image(dataset, label_column: str, feature):
+    """The scripts train single-label classifiers: a label is a class id or name. Lists (several labels an image) would
+    fail deep inside `datasets`, and fractional numbers (a regression target?) would each become a class."""
+    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(CLASS_DTYPES)):
+        return
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        fractional = next((value for value in dataset[label_column] if not float(value).is_integer()), None)
+        if fractional is None:
+            return  # whole numbers stored as floats (a pandas column with gaps, say): class ids
+        found = f"fractional numbers ({fractional:g}, ...)"
+    else:
+        found = f"values of type {type(feature).__name__}"
+    raise UserError(
+        f"Column {label_column!r} holds {found}, not one class per image: the scripts train single-label "
+        "classifiers on a column of class ids or names; name another with --label_column_name."
+    )
 
 
 def _check_no_missing_labels(dataset, label_column: str):

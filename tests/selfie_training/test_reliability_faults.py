@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from safetensors import SafetensorError
 
 from selfie_training import runner
-from selfie_training.data import DataArguments, load_splits
+from selfie_training.data import DataArguments, encode_labels, load_splits
 from selfie_training.errors import TrainingStopped
 from selfie_training.trainer import _is_disk_full
 from tests.utils import TINY_MODEL_FLAGS, class_images, fine_tune, last_checkpoint, pretrain
@@ -40,6 +40,25 @@ def test_missing_labels_are_refused_and_counted(tmp_path):
     data = labelled_parquet(tmp_path / "data", [0, 1, 0, None, 1, None, 0, 1] * 3)
     with pytest.raises(ValueError, match=r"^\d+ of \d+ images of a split have no label \(None\) in column 'label'"):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, "--dataset_name", str(data), "--max_steps", "1")
+
+
+@pytest.mark.parametrize(
+    ("labels", "feature", "found"),
+    [
+        ([[0, 1], [1], [0], [1, 0]] * 2, List(Value("int64")), "values of type List"),  # several labels an image
+        ([0.5, 1.0, 2.5, 1.0] * 2, Value("float64"), r"fractional numbers \(0\.5, \.\.\.\)"),  # a regression target?
+    ],
+)
+def test_labels_that_are_not_one_class_an_image_are_refused_naming_the_column(labels, feature, found):
+    dataset = Dataset.from_dict({"label": labels}, features=Features({"label": feature}))
+    with pytest.raises(ValueError, match=rf"^Column 'label' holds {found}, not one class per image"):
+        encode_labels(dataset, "label")
+
+
+def test_whole_numbers_stored_as_floats_are_class_ids():
+    dataset = Dataset.from_dict({"label": [0.0, 2.0, 1.0, 2.0]}, features=Features({"label": Value("float32")}))
+    encoded, names = encode_labels(dataset, "label")
+    assert names == ["0.0", "1.0", "2.0"] and encoded["label"] == [0, 2, 1, 2]
 
 
 @pytest.mark.parametrize("script", [pretrain, fine_tune])
