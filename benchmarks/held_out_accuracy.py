@@ -25,7 +25,15 @@ from transformers import AutoImageProcessor
 
 from modeling_selfie import SelfieForImageClassification
 from selfie_training import classification
-from selfie_training.data import collate_images, image_transform, labelled_splits, load_splits, with_image_transform
+from selfie_training.checkpoints import load_checkpoint
+from selfie_training.data import (
+    collate_images,
+    image_transform,
+    labelled_splits,
+    limit_samples,
+    load_splits,
+    with_image_transform,
+)
 from selfie_training.errors import UserError
 from selfie_training.runner import parse_arguments, run
 
@@ -48,13 +56,15 @@ def held_out_images(sweep: run_sweep.Sweep) -> tuple:
     held_out, image_column, label_column = labelled_splits(load_splits(data_args), data_args)[1:4]
     if validation_size is None or validation_size >= len(held_out):
         raise UserError(f"the runs were scored on all {len(held_out)} held-out images: none is left over.")
-    return held_out.shuffle(seed=data_args.split_seed), image_column, label_column, validation_size
+    # All of them, drawn as --max_eval_samples draws its first ones.
+    ordered = limit_samples(held_out, len(held_out), data_args.split_seed)
+    return ordered, image_column, label_column, validation_size
 
 
 @torch.inference_mode()
 def hits_by_image(folder: str, held_out, image_column: str, label_column: str, batch_size: int) -> np.ndarray:
     """Whether the model in `folder` classifies each held-out image right, under its own evaluation transform."""
-    model = SelfieForImageClassification.from_pretrained(folder).eval()
+    model = load_checkpoint(SelfieForImageClassification, folder).eval()
     transform = image_transform(AutoImageProcessor.from_pretrained(folder), train=False)
     images = with_image_transform(held_out, transform, image_column, label_column)
     hits = []
@@ -77,9 +87,10 @@ def score_runs(sweep: run_sweep.Sweep, held_out, image_column, label_column, val
                 with open(os.path.join(folder, "eval_results.json")) as file:
                     reported = json.load(file)["eval_accuracy"]
                 run_hits = hits_by_image(folder, held_out, image_column, label_column, batch_size)
-                if abs(run_hits[:validation_size].mean() - reported) > 1e-6:
+                validation_accuracy = run_hits[:validation_size].mean()
+                if abs(validation_accuracy - reported) > 1e-6:
                     raise UserError(
-                        f"{folder} scores {run_hits[:validation_size].mean():.4f} on the first {validation_size} "
+                        f"{folder} scores {validation_accuracy:.4f} on the first {validation_size} "
                         f"held-out images but reported {reported:.4f}: they are not the images it was scored on."
                     )
                 hits[method, fraction, seed] = run_hits
