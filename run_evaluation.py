@@ -92,25 +92,10 @@ def main(args: list[str] | None = None) -> dict:
         (ModelArguments, LabelledSubsetArguments, EvaluationArguments, DataArguments, TrainingArguments), args
     )
     setup(training_args)
-    set_seed(training_args.seed)  # the random-init baseline's weights
-    if (model_args.model_name_or_path is None) == (model_args.config_name is None):
-        raise UserError(
-            "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
-            "fresh weights: the random-init baseline), one of the two."
-        )
-
-    splits = load_splits(data_args)
-    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
-    train, indices = subset_args.select(train, label_column)
-    preset = choose_preset(data_args, splits["train"], image_column)
-    config = build_config(model_args, preset)
-    image_processor = load_image_processor(model_args, preset, config)
-    model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
-
-    start = time.perf_counter()
-    train_images, validation_images = (
-        labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)
+    model, train_images, validation_images, names, indices = load_model_and_images(
+        model_args, subset_args, data_args, training_args
     )
+    start = time.perf_counter()
     loading = {
         "batch_size": training_args.per_device_eval_batch_size,
         "num_workers": training_args.dataloader_num_workers,
@@ -154,6 +139,29 @@ def main(args: list[str] | None = None) -> dict:
             )
             logger.info("Wrote the figures into %s.", card)
     return results
+
+
+def load_model_and_images(model_args, subset_args, data_args, training_args) -> tuple:
+    """The model to evaluate (the checkpoint, or --config_name's architecture with fresh weights drawn with --seed) on
+    the training device; the labelled training images (all, or the subset asked for) and validation images, as
+    `extract_features` reads them; the class names; and the subset's indices (None for all)."""
+    set_seed(training_args.seed)  # the random-init baseline's weights
+    if (model_args.model_name_or_path is None) == (model_args.config_name is None):
+        raise UserError(
+            "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
+            "fresh weights: the random-init baseline), one of the two."
+        )
+    splits = load_splits(data_args)
+    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
+    train, indices = subset_args.select(train, label_column)
+    preset = choose_preset(data_args, splits["train"], image_column)
+    config = build_config(model_args, preset)
+    image_processor = load_image_processor(model_args, preset, config)
+    model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
+    train_images, validation_images = (
+        labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)
+    )
+    return model, train_images, validation_images, names, indices
 
 
 def check_finite(features: torch.Tensor, split: str, model_args: ModelArguments):
