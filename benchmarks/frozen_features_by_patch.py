@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """P's frozen features read on whole images, as run_evaluation.py and fine-tuning read them, and patch by patch, as
-pretraining runs P: where a checkpoint's figures differ between the two, what it lost is in carrying what it learnt
-on patches over to whole images, not in what it draws from a patch.
+pretraining runs P: where a checkpoint's figures fall on whole images but not patch by patch, what it lost lies in how
+its vectors read on a whole image, not in what P draws from a patch on its own.
 
     python benchmarks/frozen_features_by_patch.py --model_name_or_path CHECKPOINT \\
         --dataset_name ../shared/data/cifar10 --max_train_samples 10000 --max_eval_samples 2000 --output_dir OUT
@@ -9,12 +9,12 @@ on patches over to whole images, not in what it draws from a patch.
 It takes run_evaluation.py's flags (--config_name and --seed for the random-init baseline) and scores each read with
 its k-NN and linear probe:
 - `image`: run_evaluation.py's own features, P's stage-3 map of the whole image, average-pooled, BatchNorm on the
-  statistics as saved;
+  statistics as saved (or re-estimated with --recalibrate_batchnorm, as run_evaluation.py does);
 - `patch_mean`: P on each patch on its own, average-pooled, then averaged over the image's patches;
 - `patch_grid`: the same vectors side by side in grid order (num_patches x channels), so that the probe can read
   where each lies.
-The patch reads put BatchNorm on each batch's statistics (256 images' patches by default), since a checkpoint's saved
-statistics are whole images'. Writes OUT/features_by_patch.json. Used for docs/cifar10-cpu-ablation.md.
+The patch reads put BatchNorm on each batch's statistics (the patches of --per_device_eval_batch_size images; 256 in
+the docs' runs), since a checkpoint's saved statistics are whole images'. Writes OUT/features_by_patch.json. Used for docs/cifar10-cpu-ablation.md.
 """
 
 import copy
@@ -27,13 +27,19 @@ from transformers import TrainingArguments
 
 from modeling_selfie.modeling_selfie import patchify
 from selfie_training.data import DataArguments, LabelledSubsetArguments
-from selfie_training.evaluation import LabelledFeatures, _image_batches, _in_mode, extract_features
+from selfie_training.errors import UserError
+from selfie_training.evaluation import (
+    LabelledFeatures,
+    _image_batches,
+    _in_mode,
+    extract_features,
+    recalibrate_batchnorm,
+)
 from selfie_training.runner import ModelArguments, parse_arguments, run, setup
 
 
-sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)  # run_evaluation.py, beside benchmarks/
+# run_evaluation.py, beside benchmarks/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_evaluation  # noqa: E402
 
 
@@ -55,6 +61,8 @@ def patch_features(model, dataset, pooling: str, batch_size: int = 256, num_work
             vectors = encoder.feature_map(patchify(pixels, encoder.config.patch_size)).mean(dim=(2, 3))
             features.append(POOLINGS[pooling](vectors.view(len(pixels), encoder.config.num_patches, -1)).float().cpu())
             labels.append(batch["labels"])
+    if not features:
+        raise UserError("None of the images could be read, so there are no features to evaluate.")
     return LabelledFeatures(torch.cat(features), torch.cat(labels))
 
 
@@ -77,6 +85,8 @@ def main(args: list[str] | None = None) -> dict[str, dict]:
         "batch_size": training_args.per_device_eval_batch_size,
         "num_workers": training_args.dataloader_num_workers,
     }
+    if eval_args.recalibrate_batchnorm:  # as run_evaluation.py does; the patch reads use each batch's statistics
+        recalibrate_batchnorm(model, train_images, **loading)
     reads = {"image": lambda images: extract_features(model, images, **loading)}
     reads.update(
         {pooling: lambda images, p=pooling: patch_features(model, images, p, **loading) for pooling in POOLINGS}
@@ -84,6 +94,8 @@ def main(args: list[str] | None = None) -> dict[str, dict]:
     results = {}
     for read, features in reads.items():
         train, test = (features(images).to(training_args.device) for images in (train_images, validation_images))
+        for split, labelled in (("training", train), ("validation", test)):
+            run_evaluation.check_finite(labelled.features, split, model_args)
         results[read] = {
             "feature_size": train.features.shape[1],
             **run_evaluation.evaluate(train, test, len(names), eval_args),

@@ -3,6 +3,7 @@ and its patch reads see each patch on its own, wherever it lies."""
 
 import sys
 
+import pytest
 import torch
 
 import run_evaluation
@@ -15,8 +16,9 @@ sys.path.insert(0, str(REPOSITORY / "benchmarks"))
 import frozen_features_by_patch  # noqa: E402
 
 
-def test_the_image_read_is_run_evaluations_and_the_patch_reads_one_vector_a_patch(pretrained, tmp_path):
-    flags = ["--model_name_or_path", str(pretrained), "--max_train_samples", "64", *QUIET_FLAGS]
+@pytest.mark.parametrize("recalibration", [[], ["--recalibrate_batchnorm", "True"]], ids=["as saved", "recalibrated"])
+def test_the_image_read_is_run_evaluations_and_the_patch_reads_one_vector_a_patch(pretrained, tmp_path, recalibration):
+    flags = ["--model_name_or_path", str(pretrained), "--max_train_samples", "64", *QUIET_FLAGS, *recalibration]
     results = frozen_features_by_patch.main([*flags, "--output_dir", str(tmp_path / "by_patch")])
     evaluation = run_evaluation.main([*flags, "--output_dir", str(tmp_path / "evaluation")])
 
