@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of Selfie pretraining against a supervised ResNet-50, on one device.
 
-    python benchmarks/benchmark_throughput.py --output_file outputs/throughput.json
+    python -m benchmarks.benchmark_throughput --output_file outputs/throughput.json
 
 For the CIFAR grid (32x32 images, 8x8 patches, the 3x3 stem) and the ImageNet grid (224x224 images, 32x32 patches,
 the 7x7 stem), at the same batch size and precision, it measures

@@ -4,7 +4,7 @@ unaligned to the patch grid, and the padded crop) and the evaluation transform, 
 with BatchNorm on its running statistics or on the batch's: where training and validation disagree, this tells
 overfitting, BatchNorm's shared statistics and a shortcut in the training transform apart.
 
-    python benchmarks/candidate_accuracy_by_transform.py CHECKPOINT --dataset_name ../shared/data/cifar10
+    python -m benchmarks.candidate_accuracy_by_transform CHECKPOINT --dataset_name ../shared/data/cifar10
 
 `--num_masked_patches N` scores Selfie's own task with N positions hidden at random, whatever the checkpoint was
 pretrained with: `--num_masked_patches 4` puts a checkpoint of the split objective (8 of 16 hidden, chance 12.5%) on

@@ -3,7 +3,7 @@
 pretraining runs P: where a checkpoint's figures fall on whole images but not patch by patch, what it lost lies in how
 its vectors read on a whole image, not in what P draws from a patch on its own.
 
-    python benchmarks/frozen_features_by_patch.py --model_name_or_path CHECKPOINT \\
+    python -m benchmarks.frozen_features_by_patch --model_name_or_path CHECKPOINT \\
         --dataset_name ../shared/data/cifar10 --max_train_samples 10000 --max_eval_samples 2000 --output_dir OUT
 
 It takes run_evaluation.py's flags (--config_name and --seed for the random-init baseline) and scores each read with
@@ -21,7 +21,6 @@ docs/cifar10-cpu-ablation.md.
 import copy
 import json
 import os
-import sys
 
 import torch
 from transformers import TrainingArguments
@@ -36,12 +35,8 @@ from selfie_training.evaluation import (
     extract_features,
     recalibrate_batchnorm,
 )
+from selfie_training.feature_evaluation import EvaluationArguments, check_finite, evaluate, load_model_and_images
 from selfie_training.runner import ModelArguments, parse_arguments, run, setup
-
-
-# run_evaluation.py, beside benchmarks/
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import run_evaluation  # noqa: E402
 
 
 POOLINGS = {"patch_mean": lambda vectors: vectors.mean(dim=1), "patch_grid": lambda vectors: vectors.flatten(1)}
@@ -72,14 +67,14 @@ def main(args: list[str] | None = None) -> dict[str, dict]:
         (
             ModelArguments,
             LabelledSubsetArguments,
-            run_evaluation.EvaluationArguments,
+            EvaluationArguments,
             DataArguments,
             TrainingArguments,
         ),
         args,
     )
     setup(training_args)
-    model, train_images, validation_images, names, _ = run_evaluation.load_model_and_images(
+    model, train_images, validation_images, names, _ = load_model_and_images(
         model_args, subset_args, data_args, training_args
     )
     loading = {
@@ -96,10 +91,10 @@ def main(args: list[str] | None = None) -> dict[str, dict]:
     for read, features in reads.items():
         train, test = (features(images).to(training_args.device) for images in (train_images, validation_images))
         for split, labelled in (("training", train), ("validation", test)):
-            run_evaluation.check_finite(labelled.features, split, model_args)
+            check_finite(labelled.features, split, model_args)
         results[read] = {
             "feature_size": train.features.shape[1],
-            **run_evaluation.evaluate(train, test, len(names), eval_args),
+            **evaluate(train, test, len(names), eval_args),
         }
         print(json.dumps({read: results[read]}), flush=True)
     os.makedirs(training_args.output_dir, exist_ok=True)

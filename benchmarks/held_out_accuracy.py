@@ -3,7 +3,7 @@
 (the first --max_eval_samples of them), and the others, which no run trained on and no choice made on the validation
 images ever saw. Then how far the seeds' spread moves with the held-out images that score the runs.
 
-    python benchmarks/held_out_accuracy.py configs/cifar10_cpu.json
+    python -m benchmarks.held_out_accuracy configs/cifar10_cpu.json
 
 Every finished fine-tuning run of the sweep (run_sweep.py's folders in its output_dir) is scored image by image on
 all the held-out images, which the sweep's flags define (its dataset, --train_val_split, --split_seed); its accuracy
@@ -16,7 +16,6 @@ as many held-out images as the validation set has. Writes `held_out.json` into t
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -36,19 +35,16 @@ from selfie_training.data import (
 )
 from selfie_training.errors import UserError
 from selfie_training.runner import parse_arguments, run
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run_sweep.py, beside benchmarks/
-import run_sweep  # noqa: E402
+from selfie_training.sweep import METHODS, Sweep, fine_tuning_flags, run_directory
 
 
 PARTS = ("validation", "others", "all")
 
 
-def held_out_images(sweep: run_sweep.Sweep) -> tuple:
+def held_out_images(sweep: Sweep) -> tuple:
     """All the images that the sweep's fine-tuning runs hold out, in the order --max_eval_samples draws them (so its
     first ones are the runs' validation images), with their image and label columns and that number."""
-    run_flags = run_sweep.fine_tuning_flags(sweep, "pretrained", "scratch", 0.5, 0)
+    run_flags = fine_tuning_flags(sweep, "pretrained", "scratch", 0.5, 0)
     data_args = parse_arguments(classification.ARGUMENTS, run_flags)[2]
     validation_size, data_args.max_eval_samples = data_args.max_eval_samples, None
     if data_args.streaming:
@@ -75,13 +71,13 @@ def hits_by_image(folder: str, held_out, image_column: str, label_column: str, b
     return np.concatenate(hits)
 
 
-def score_runs(sweep: run_sweep.Sweep, held_out, image_column, label_column, validation_size, batch_size) -> dict:
+def score_runs(sweep: Sweep, held_out, image_column, label_column, validation_size, batch_size) -> dict:
     """{(method, fraction, seed): hits by image} for every finished run, each checked against its eval_results.json."""
     hits = {}
     for fraction in sweep.label_fractions:
         for seed in sweep.seeds:
-            for method in run_sweep.METHODS:
-                folder = run_sweep.run_directory(sweep, method, fraction, seed)
+            for method in METHODS:
+                folder = run_directory(sweep, method, fraction, seed)
                 if not os.path.exists(os.path.join(folder, "eval_results.json")):
                     continue  # not run, or not finished
                 with open(os.path.join(folder, "eval_results.json")) as file:
@@ -103,11 +99,11 @@ def summarise(hits: dict, validation_size: int, draws: int, seed: int = 0) -> li
     generator = np.random.default_rng(seed)
     rows = []
     for fraction in sorted({fraction for _, fraction, _ in hits}):
-        seeds = sorted({s for m, f, s in hits if f == fraction and all((n, f, s) in hits for n in run_sweep.METHODS)})
+        seeds = sorted({s for m, f, s in hits if f == fraction and all((n, f, s) in hits for n in METHODS)})
         if len(seeds) < 2:
             continue
         # method -> seeds x images, 1.0 where the run classified the image right
-        by_method = {m: np.stack([hits[m, fraction, s] for s in seeds]).astype(float) for m in run_sweep.METHODS}
+        by_method = {m: np.stack([hits[m, fraction, s] for s in seeds]).astype(float) for m in METHODS}
         parts = {"validation": slice(0, validation_size), "others": slice(validation_size, None), "all": slice(None)}
         row = {"label_fraction": fraction, "seeds": seeds}
         for part, images in parts.items():
@@ -155,7 +151,7 @@ def report(rows: list[dict]) -> str:
     for row in rows:
         for part in PARTS:
             figures = row[part]
-            cells = [f"{figures[m]['mean']:.2f} ± {figures[m]['std']:.2f}" for m in run_sweep.METHODS]
+            cells = [f"{figures[m]['mean']:.2f} ± {figures[m]['std']:.2f}" for m in METHODS]
             lines.append(
                 f"| {row['label_fraction']:.0%} | {part} ({figures['images']}) | {cells[0]} | {cells[1]} | "
                 f"{figures['gain']:+.2f} ({figures['gain_paired_standard_error']:.2f}) |"
@@ -167,7 +163,7 @@ def report(rows: list[dict]) -> str:
     for row in rows:
         draws = row["std_over_draws"]
         spreads = "; ".join(
-            f"{m} {draws[m]['p5']:.2f}, {draws[m]['median']:.2f}, {draws[m]['p95']:.2f}" for m in run_sweep.METHODS
+            f"{m} {draws[m]['p5']:.2f}, {draws[m]['median']:.2f}, {draws[m]['p95']:.2f}" for m in METHODS
         )
         lines.append(
             f"- {row['label_fraction']:.0%}: {spreads}; Selfie's at most scratch's in "
@@ -182,7 +178,7 @@ def main(args: list[str] | None = None) -> list[dict]:
     parser.add_argument("--draws", type=int, default=2000, help="Random draws of held-out images for the spread.")
     parser.add_argument("--batch_size", type=int, default=500)
     args = parser.parse_args(args)
-    sweep = run_sweep.Sweep.from_json(args.sweep)
+    sweep = Sweep.from_json(args.sweep)
     held_out, image_column, label_column, validation_size = held_out_images(sweep)
     hits = score_runs(sweep, held_out, image_column, label_column, validation_size, args.batch_size)
     rows = summarise(hits, validation_size, args.draws)

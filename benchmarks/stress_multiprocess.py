@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Launch the two-process pretraining and fine-tuning runs many times and count those that exit non-zero.
 
-    python benchmarks/stress_multiprocess.py --runs 30 --output_file docs/results/stress-multiprocess.json
+    python -m benchmarks.stress_multiprocess --runs 30 --output_file docs/results/stress-multiprocess.json
 
 Each round is one `accelerate launch` of run_pretraining.py on two CPU processes joined by gloo (tiny model, the
 embedded digits, 2 steps), then one of run_image_classification.py from its checkpoint. A run that finishes its

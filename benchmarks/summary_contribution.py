@@ -2,7 +2,7 @@
 """How much of a pretraining checkpoint's candidate accuracy comes from the summary u of the visible patches: the
 validation candidate accuracy with u as it is, with u set to zero, and with the u of another image of the batch.
 
-    python benchmarks/summary_contribution.py CHECKPOINT --dataset_name ../shared/data/cifar10
+    python -m benchmarks.summary_contribution CHECKPOINT --dataset_name ../shared/data/cifar10
 
 With the paper's queries (u + pos_i) the score of a candidate patch moves with u by the same amount at every hidden
 position, so u cannot say which patch goes where, and the three figures stay close; with queries through an MLP
@@ -13,8 +13,7 @@ masks drawn from seed 0 and BatchNorm on its running statistics. Used for docs/c
 
 import argparse
 
-from candidate_accuracy_by_transform import candidate_accuracy, load_checkpoint, masked_images
-
+from benchmarks.candidate_accuracy_by_transform import candidate_accuracy, load_checkpoint, masked_images
 from selfie_training.data import image_transform
 
 

@@ -2,17 +2,13 @@
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.utils import REPOSITORY, TINY_MODEL, TINY_MODEL_FLAGS
-
-
-sys.path.insert(0, str(REPOSITORY / "benchmarks"))
-import benchmark_throughput  # noqa: E402
+from benchmarks import benchmark_throughput
+from tests.utils import TINY_MODEL, TINY_MODEL_FLAGS
 
 
 def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, capsys):

@@ -2,17 +2,11 @@
 did (validation images, evaluation transform, BatchNorm on running statistics, the summary as it is), they give the
 run's own validation candidate accuracy, and their other settings score the same images."""
 
-import sys
-
 import pytest
 from torch.utils.data import DataLoader
 
-from tests.utils import REPOSITORY, pretrain
-
-
-sys.path.insert(0, str(REPOSITORY / "benchmarks"))
-import candidate_accuracy_by_transform  # noqa: E402
-import summary_contribution  # noqa: E402
+from benchmarks import candidate_accuracy_by_transform, summary_contribution
+from tests.utils import pretrain
 
 
 FLAGS = ["--max_eval_samples", "16"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_sweep
+from selfie_training import sweep as run_sweep
 from tests.utils import REPOSITORY, TINY_MODEL
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import export_timm
 from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction
+from selfie_training import export as export_timm
 from selfie_training.timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
 from tests.utils import REPOSITORY, TINY_BACKBONE, images, tiny_config
 

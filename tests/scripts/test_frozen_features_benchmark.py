@@ -1,19 +1,14 @@
 """benchmarks/frozen_features_by_patch.py on a tiny checkpoint: its `image` read is run_evaluation.py's evaluation,
 and its patch reads see each patch on its own, wherever it lies."""
 
-import sys
-
 import pytest
 import torch
 
-import run_evaluation
+from benchmarks import frozen_features_by_patch
 from modeling_selfie import SelfieForMaskedPatchPrediction
+from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.evaluation import extract_features
-from tests.utils import QUIET_FLAGS, REPOSITORY
-
-
-sys.path.insert(0, str(REPOSITORY / "benchmarks"))
-import frozen_features_by_patch  # noqa: E402
+from tests.utils import QUIET_FLAGS
 
 
 @pytest.mark.parametrize("recalibration", [[], ["--recalibrate_batchnorm", "True"]], ids=["as saved", "recalibrated"])

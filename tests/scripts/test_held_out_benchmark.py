@@ -2,17 +2,13 @@
 held-out images the runs never scored, and all of them are both together."""
 
 import json
-import sys
 
 import pytest
 
-import run_sweep
+from benchmarks import held_out_accuracy
+from selfie_training import sweep as run_sweep
 from selfie_training.errors import UserError
-from tests.utils import REPOSITORY, TINY_MODEL
-
-
-sys.path.insert(0, str(REPOSITORY / "benchmarks"))
-import held_out_accuracy  # noqa: E402
+from tests.utils import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import run_pretraining
-import run_sweep
 from modeling_selfie import SelfieForImageClassification
+from selfie_training import pretraining as run_pretraining
+from selfie_training import sweep as run_sweep
 from selfie_training.data import DataArguments, load_splits
 from tests.utils import (
     QUIET_FLAGS,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import run_sweep
+from selfie_training import sweep as run_sweep
 from selfie_training.runner import ModelArguments, build_config
 from tests.utils import REPOSITORY, TINY_MODEL
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import ExifTags, Image, ImageCms
 from transformers.image_utils import load_image
 
-import run_pretraining
+from selfie_training import pretraining as run_pretraining
 from selfie_training.data import UNREADABLE_IMAGE_ERRORS, read_image
 from selfie_training.errors import TrainingStopped
 from tests.utils import QUIET_FLAGS, TINY_MODEL_FLAGS, class_images

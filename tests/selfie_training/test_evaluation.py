@@ -12,13 +12,13 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from transformers import AutoImageProcessor, TrainerControl, TrainerState, TrainingArguments
 
-import run_evaluation
 from modeling_selfie import (
     SelfieForImageClassification,
     SelfieForMaskedPatchPrediction,
     SelfieModel,
     preset_image_processor,
 )
+from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.data import DataArguments, image_transform, load_splits, with_image_transform
 from selfie_training.evaluation import (
     KNNMonitor,

@@ -9,9 +9,9 @@ import pytest
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import TrainingArguments
 
-import run_evaluation
 from modeling_selfie import SelfieConfig, SelfieForImageClassification
 from selfie_training import classification, pretraining
+from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.data import RandomStream
 from selfie_training.errors import UserError
 from selfie_training.model_card import (

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ViTImageProcessor
 
-import export_timm
-import run_evaluation
 from modeling_selfie import (
     SelfieConfig,
     SelfieForImageClassification,
     SelfieForMaskedPatchPrediction,
     SelfieModel,
 )
+from selfie_training import export as export_timm
+from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.checkpoints import load_checkpoint
 from selfie_training.runner import ModelArguments, load_image_processor
 from selfie_training.timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
