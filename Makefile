@@ -19,6 +19,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(PYTHON) run_sweep.py configs/digits.json
 
+# Write docs/results.md, and the README's results tables, from the result files in docs/results/.
+.PHONY: report
+report: install
+	$(PYTHON) -m selfie_training.report
+
 # Lint and format checks first (ruff, configured in pyproject.toml), then the tests.
 test: install
 	$(PYTHON) -m ruff check .
