@@ -11,7 +11,7 @@ pretrained with: `--num_masked_patches 4` puts a checkpoint of the split objecti
 the paper's CIFAR-10 task (4 of 16, chance 25%), the setting of the paper's own candidate accuracies.
 
 The splits are the training scripts' (--max_eval_samples 2000 held out with --split_seed 0); `--samples` images of
-each are scored, with masks drawn from seed 0. Used for docs/cifar10-cpu-ablation.md.
+each are scored, with masks drawn from seed 0. Used for docs/research-log.md.
 """
 
 import argparse

@@ -15,7 +15,7 @@ its k-NN and linear probe:
   where each lies.
 The patch reads put BatchNorm on each batch's statistics (the patches of --per_device_eval_batch_size images; 256 in
 the docs' runs), since a checkpoint's saved statistics are whole images'. Writes OUT/features_by_patch.json. Used for
-docs/cifar10-cpu-ablation.md.
+docs/research-log.md.
 """
 
 import copy

@@ -8,7 +8,7 @@ With the paper's queries (u + pos_i) the score of a candidate patch moves with u
 position, so u cannot say which patch goes where, and the three figures stay close; with queries through an MLP
 (`query_type="mlp"`) u and the position interact, and another image's u should cost accuracy. The validation split
 is the training scripts' (--max_eval_samples 2000 held out with --split_seed 0), under the evaluation transform, with
-masks drawn from seed 0 and BatchNorm on its running statistics. Used for docs/cifar10-cpu-ablation.md.
+masks drawn from seed 0 and BatchNorm on its running statistics. Used for docs/research-log.md.
 """
 
 import argparse
