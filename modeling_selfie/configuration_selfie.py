@@ -33,56 +33,46 @@ PRESETS = {
 class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of the Selfie models ([`SelfieModel`], [`SelfieForMaskedPatchPrediction`],
-    [`SelfieForImageClassification`], [`SelfieBackbone`]): self-supervised pretraining for image embedding (Trinh,
-    Luong & Le, 2019).
+    [`SelfieForImageClassification`], [`SelfieBackbone`]), after "Selfie: Self-supervised Pretraining for Image
+    Embedding" (Trinh, Luong & Le, 2019, arXiv:1906.02940).
 
-    An image of `image_size` is cut into a grid of non-overlapping `patch_size` x `patch_size` patches. The patch
-    network P (the stem and the first three stages of a timm ResNet) turns every patch into one vector; the attention
-    pooling network A (a few Transformer layers with a learned summary vector u0) summarises the visible patches into
-    u; for every hidden position, u plus that position's embedding must pick the right patch out of the hidden
-    patches of the same image.
+    An image is cut into a grid of non-overlapping patches. The patch network (the stem and the first three stages of
+    a timm ResNet) turns every patch into one vector; the attention pooling network (a few Transformer layers and a
+    learned summary token) summarises the visible patches into the summary vector; for every hidden position, the
+    summary vector plus that position's embedding must pick the right patch out of the image's hidden patches.
 
-    The defaults are the paper's ImageNet 224x224 setting; [`SelfieConfig.from_preset`] gives all three settings.
+    The defaults are the paper's ImageNet 224x224 setting; [`SelfieConfig.from_preset`] gives its three settings.
 
     Args:
         backbone (`str`, *optional*, defaults to `"resnet50"`):
-            Name of a timm ResNet-family model (`resnet50`, `resnet18`, `resnet50d`, `wide_resnet50_2`, ...). P is
-            its stem and its stages 1-3; the `"resnet"` classification head adds its stage 4.
+            Name of the timm ResNet-family model whose stem and stages 1-3 are the patch network; the paper uses
+            ResNet-50.
         backbone_kwargs (`dict`, *optional*):
-            Extra keyword arguments for `timm.create_model`, e.g. `{"layers": [1, 1, 1, 1], "channels": [8, 16, 32,
-            64]}` for a tiny network in tests.
+            Extra keyword arguments for `timm.create_model`, e.g. `{"channels": [16, 32, 64, 128]}` for a narrower
+            network.
         backbone_norm (`str`, *optional*, defaults to `"batchnorm"`):
-            Normalisation layers of the ResNet: `"batchnorm"`, `"layernorm"` (timm's `LayerNorm2d`, over the channels
-            at every position) or `"groupnorm"` (32 groups, fewer where a layer has fewer channels). CPC v2 found that
-            BatchNorm, whose training-mode statistics mix the patches of a batch, lets hidden patches leak into the
-            context; the per-sample norms cannot.
+            Normalisation layers of the ResNet: `"batchnorm"` as in the paper, or the per-sample `"layernorm"` or
+            `"groupnorm"`, with which hidden patches cannot reach the summary through batch statistics (CPC v2,
+            Hénaff et al., 2020).
         stem (`str`, *optional*, defaults to `"imagenet"`):
-            `"imagenet"`: the backbone's own stem (ResNet-50: 7x7 stride-2 convolution and max-pool). `"cifar"`: one
-            3x3 stride-1 convolution and no max-pool, for 32x32 images and 8x8 patches.
+            `"imagenet"`: the backbone's own stem; `"cifar"`: one 3x3 stride-1 convolution and no max-pool, for
+            32x32 images.
         num_channels (`int`, *optional*, defaults to 3):
             Number of channels of the input images.
         image_size (`int` or `list[int]`, *optional*, defaults to 224):
             Size of the input images, one number for square images or `[height, width]`.
         patch_size (`int`, *optional*, defaults to 32):
-            Side of the square patches. It must divide the image height and width; the patch grid is
-            `(height // patch_size, width // patch_size)`.
+            Side of the square patches, which must divide the image's sides; the paper uses 32 on 224x224 images (a
+            7x7 grid) and 8 on 32x32 images (a 4x4 grid).
         masking_strategy (`str`, *optional*, defaults to `"random"`):
-            The pretraining objective's mask. `"random"`: Selfie's, `num_masked_patches` positions hidden at random;
-            the summary of the visible patches picks the hidden patches for the hidden positions. `"split"`:
-            SplitMask's split-and-match (El-Nouby et al., 2021): the grid is split at random into two disjoint
-            halves (the hidden one has `num_patches // 2` positions, the visible one the rest), and the patch
-            selection runs in both directions: the visible half's summary picks the hidden half's patches, and the
-            hidden half's summary picks the visible half's. P runs once on all patches; A runs once for each half.
+            `"random"`: the paper's objective, `num_masked_patches` positions hidden at random; `"split"`: SplitMask's
+            (El-Nouby et al., 2021), half of the grid hidden and each half picking the other half's patches.
         num_masked_patches (`int`, *optional*):
-            Number of patches hidden in every image during pretraining: at least 2 (one distractor) and fewer than
-            the number of patches. Defaults to a quarter of the grid (4 of 16, 12 of 49) with the `"random"`
-            strategy; the paper's figure hides 3 of 9. The `"split"` strategy hides half: `num_patches // 2`.
+            Number of patches hidden in every image, from 2 to one less than the grid; defaults to a quarter of the
+            grid (4 of 16, 12 of 49; the paper's figure hides 3 of 9), and to half of it with `"split"`.
         hidden_size (`int`, *optional*, defaults to 512):
-            Width of the attention pooling network and of the vectors scored in the loss. Where it differs from
-            the width of P's output (1024 for ResNet-50), a linear projection maps P's vectors to it. The paper
-            leaves A's size open ("a few Transformer layers"); the defaults keep it small, about 7% of the
-            arithmetic of a supervised ResNet-50 step on either grid (at width 1024 and 3 layers, A would cost more
-            than the stage 4 that P leaves out), so that a pretraining step is cheaper than a supervised one.
+            Width of the attention pooling network and of the vectors scored in the loss (the patch vectors are
+            projected to it); the paper leaves the network's size open ("a few Transformer layers").
         num_hidden_layers (`int`, *optional*, defaults to 2):
             Number of Transformer layers in the attention pooling network.
         num_attention_heads (`int`, *optional*, defaults to 8):
@@ -96,54 +86,34 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the attention pooling network's layer norms.
         position_embedding_type (`str`, *optional*, defaults to `"factorized"`):
-            `"factorized"`: learned row and column embeddings, pos(r, c) = row_r + col_c (7 + 7 vectors on a 7x7
-            grid, as in the paper). `"full"`: one learned vector per grid cell.
+            `"factorized"`: the paper's learned row and column embeddings, pos(r, c) = row_r + col_c; `"full"`: one
+            learned vector per grid cell.
         query_type (`str`, *optional*, defaults to `"sum"`):
-            How the query of hidden position i is made from the summary u and the position's embedding pos_i. `"sum"`:
-            the paper's u + pos_i. Its scores <u + pos_i, h_j> are linear in u, so u adds one bias per candidate
-            patch, the same for every position: the summary cannot say which hidden patch goes where, and the task
-            rests on what each patch alone says of its place. `"mlp"`: u + pos_i plus a pre-norm MLP of it (width
-            `mlp_ratio` x `hidden_size`), in which the summary and the position interact. Pretraining only. On the
-            CPU-scaled CIFAR-10 network the MLP doubled the validation candidate accuracy (32.5 to 65% of 8) and lowered
-            fine-tuning on 5% of the labels by 2 points (`docs/cifar10-cpu-ablation.md`).
+            The query of a hidden position: `"sum"`, the paper's summary vector plus position embedding, or `"mlp"`,
+            that plus a pre-norm MLP of it, in which the summary and the position interact (pretraining only).
         score_temperature (`float`, *optional*):
-            The temperature of the patch-selection loss: the candidate scores <v_i, h_j> are divided by it. Defaults
-            to `sqrt(hidden_size)`: raw dot products of 1024-d vectors diverged within a few steps in our
-            experiments. `1.0` gives the raw scores.
+            Divides the patch-selection scores; defaults to `sqrt(hidden_size)`, which keeps their scale independent
+            of the width as in scaled dot-product attention, and `1.0` gives the paper's plain dot products.
         image_contrastive_weight (`float`, *optional*, defaults to 0.0):
-            Weight of SplitMask's image-level InfoNCE term in the pretraining loss (which is the patch-selection loss
-            plus this weight times the InfoNCE loss). The summaries of an image's two halves, through a small
-            projection head, must pick each other out of the summaries of every image of the (global) batch. Needs
-            `masking_strategy="split"`, the only strategy that summarises both halves; 0 leaves the term and its
-            projection head out.
+            Weight of SplitMask's image-level InfoNCE term between the summaries of an image's two halves, added to
+            the pretraining loss; needs `masking_strategy="split"`, and 0 leaves the term out.
         contrastive_temperature (`float`, *optional*, defaults to 0.1):
-            The InfoNCE temperature: the cosine similarities of the projected summaries are divided by it.
+            The InfoNCE temperature, which divides the cosine similarities of the projected summaries.
         contrastive_projection_size (`int`, *optional*, defaults to 256):
-            Output width of the projection head (a linear layer of `hidden_size`, GELU, a linear layer to this size)
-            that maps each summary to the vector the InfoNCE compares. Pretraining only: classifiers leave it out.
+            Output width of the InfoNCE's projection head (linear, GELU, linear), which classifiers leave out.
         classifier_head (`str`, *optional*, defaults to `"resnet"`):
-            Head of [`SelfieForImageClassification`]: `"resnet"` (P on the full image, then stage 4, average pooling
-            and a linear classifier: a plain ResNet) or `"attention_pooling"` (no stage 4: the attention pooling
-            network summarises P's feature map of the full image, the paper's "ResNet-36 + attention pooling").
+            Head of [`SelfieForImageClassification`]: `"resnet"`, stage 4, pooling and a linear classifier (the
+            paper's ResNet-50), or `"attention_pooling"`, the attention pooling network over the patch network's
+            feature map (the paper's "ResNet-36 + attention pooling").
         classifier_dropout_prob (`float`, *optional*, defaults to 0.0):
             Dropout before the linear classifier.
         initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the truncated normal initialisation of linear layers, position embeddings and u0.
-            Convolutions are initialised as timm initialises its ResNets.
-        training_stages (`list[dict]`, *optional*):
-            Where the weights came from, oldest stage first: provenance, not architecture. The training scripts append
-            their own stage and the model cards show the chain; saved with every checkpoint, so that it travels with
-            the weights. Each entry is a dict with a `"task"` (today `"timm_weights"`, `"pretraining"` or
-            `"classification"`) and fields of its own; entries of other tasks or with other fields, written by a later
-            version, are kept as they are. Defaults to no stages: fresh weights.
+            Standard deviation of the truncated normal initialisation of linear layers, embeddings and the summary
+            token; convolutions are initialised as timm initialises its ResNets.
         out_features (`list[str]`, *optional*):
-            The feature maps that [`SelfieBackbone`] returns, a subset of `stage_names` (`"stem"`, `"stage1"`,
-            `"stage2"`, `"stage3"`, `"stage4"`) in that order; it and `out_indices` (their positions in
-            `stage_names`) are kept in step, as in every transformers backbone config. Defaults to `["stage3"]`, P's
-            feature map. `"stage4"` is stage 4 of the `"resnet"` classification head: the backbone builds it only
-            when asked for, and refuses to load it from a checkpoint without stage-4 weights (a pretraining
-            checkpoint, an `"attention_pooling"` classifier), where it would be random. The other models ignore both
-            fields.
+            The feature maps that [`SelfieBackbone`] returns, in order, from `stage_names` (`"stem"`, `"stage1"` to
+            `"stage4"`); defaults to `["stage3"]`, the patch network's output, and `"stage4"` needs a checkpoint of a
+            `"resnet"` classifier.
         out_indices (`list[int]`, *optional*):
             The same choice as `out_features`, as indices into `stage_names`; give either.
 
@@ -192,16 +162,16 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
     classifier_head: str = "resnet"
     classifier_dropout_prob: float = 0.0
     initializer_range: float = 0.02
-    training_stages: list[dict] | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
             self.image_size = list(self.image_size)
-        if self.training_stages is None:
-            self.training_stages = []
         # The backbone fields: `stage_names` is fixed (a saved copy is ignored), `out_features` and `out_indices`
         # are aligned by BackboneConfigMixin after the other checks.
         kwargs.pop("stage_names", None)
+        # Where the weights came from is no architecture: the training scripts keep it in a file of their own beside
+        # the weights, and read it from a checkpoint's config.json where an earlier version wrote it there.
+        kwargs.pop("training_stages", None)
         out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
         super().__post_init__(**kwargs)
         self._check_fields()
@@ -287,7 +257,6 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
                 weight,
                 "needs masking_strategy='split' (the InfoNCE compares the summaries of an image's two halves)",
             )
-        self._check_training_stages()
 
     def _set_out_features(self, out_features, out_indices):
         if out_features is None and out_indices is None:
@@ -313,16 +282,7 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         for key in ("layers", "channels"):
             value = kwargs.get(key, [1, 1, 1, 1])  # where absent, the backbone's own, which fit
             if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(map(is_positive_int, value))):
-                _fail("backbone_kwargs", kwargs, f"{key} must be a list of 4 positive ints, one a stage")
-
-    def _check_training_stages(self):
-        # Only the shape that every version writes: a later version's stages must load in this one.
-        stages = self.training_stages
-        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
-            _fail("training_stages", stages, "must be a list of dicts")
-        for index, stage in enumerate(stages):
-            if not isinstance(stage.get("task"), str):
-                _fail(f"training_stages[{index}]", stage, "must name its 'task'")
+                _fail("backbone_kwargs", kwargs, f"{key} must be a list of 4 positive ints, one per stage")
 
     def _default_num_masked_patches(self) -> int:
         if self.masking_strategy == "split":

@@ -1,5 +1,5 @@
-"""Checkpoints of the Selfie scripts: which to resume (and the --output_dir lock that makes it this run's own),
-and reading a checkpoint's config and weights with one-line errors for what does not fit."""
+"""Checkpoints of the Selfie scripts: the --output_dir lock that makes the folder this run's own, which checkpoint to
+resume, and reading a checkpoint's config and weights with one-line errors for what does not fit."""
 
 import fcntl
 import glob
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -14,7 +15,7 @@ from transformers import PreTrainedConfig, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from modeling_selfie import AUTO_CLASSES, SelfieConfig, SelfieModel
 
@@ -24,15 +25,14 @@ from .errors import UserError, first_line
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "_selfie.lock"  # push_to_hub leaves out names that start with "_"
-_held_locks = {}  # the real path of each --output_dir that this process holds -> its open lock file
+TRAINING_STAGES_FILE = "training_stages.json"
 
 
 def find_last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Lock --output_dir for this run (`lock_output_dir`), then find the checkpoint to resume from:
-    --resume_from_checkpoint, or the newest complete checkpoint in --output_dir, so that a rerun of an interrupted
-    command resumes. A checkpoint is complete once its files read back (`_checkpoint_problem`); one that does not,
-    saved in part by a killed run or damaged since, is skipped for the one before it."""
-    lock_output_dir(training_args)
+    """The checkpoint to resume from: --resume_from_checkpoint, or the newest complete checkpoint in --output_dir, so
+    that a rerun of an interrupted command resumes. A checkpoint is complete once its files read back
+    (`_checkpoint_problem`); one that does not, saved in part by a killed run or damaged since, is skipped for the one
+    before it. Call it inside `output_dir_lock`, so that no other run saves checkpoints there meanwhile."""
     if training_args.resume_from_checkpoint is not None:
         checkpoint = training_args.resume_from_checkpoint
         problem = _checkpoint_problem(checkpoint) if training_args.do_train else None
@@ -93,36 +93,32 @@ def _read_checkpoint_file(path: str):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
 
 
-def lock_output_dir(training_args: TrainingArguments):
-    """Hold --output_dir for this run until `unlock_output_dir`: a second run into it would resume from this run's
-    checkpoints and save its own under the same names. The lock is an flock on `_selfie.lock` in the folder, taken
-    by the main process alone (the one that saves), so that the kernel releases it however the process ends: a
-    killed run never leaves the folder locked. A second run is refused in one line naming the PID that holds it."""
-    output_dir = os.path.realpath(training_args.output_dir)
-    if training_args.process_index != 0:
-        return  # the other processes of a multi-process run save nothing of their own
-    if output_dir in _held_locks:
-        return  # held already by this process: an earlier run in it (a test, a benchmark) stopped before unlocking
-    file = open(os.path.join(output_dir, LOCK_FILE), "a+")
+@contextmanager
+def output_dir_lock(training_args: TrainingArguments):
+    """Hold --output_dir for the run inside the block: a second run into it would resume from this run's checkpoints
+    and save its own under the same names. The lock is an flock on `_selfie.lock` in the folder, taken by the main
+    process alone (the one that saves) and released when the block ends, however it ends; the kernel releases it too
+    if the process is killed, so a folder is never left locked. A second run is refused in one line naming the PID
+    that holds it."""
+    if training_args.process_index != 0:  # the other processes of a multi-process run save nothing of their own
+        yield
+        return
+    file = open(os.path.join(training_args.output_dir, LOCK_FILE), "a+")
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "unknown"
-        file.close()
-        raise UserError(
-            f"--output_dir {training_args.output_dir} is in use by another run (PID {holder}): wait for it to end, "
-            "or give this run another --output_dir."
-        ) from None
-    file.truncate(0)
-    file.write(f"{os.getpid()}\n")
-    file.flush()
-    _held_locks[output_dir] = file
-
-
-def unlock_output_dir(training_args: TrainingArguments):
-    file = _held_locks.pop(os.path.realpath(training_args.output_dir), None)
-    if file is not None:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise UserError(
+                f"--output_dir {training_args.output_dir} is in use by another run (PID {holder}): wait for it to "
+                "end, or give this run another --output_dir."
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
+    finally:
         file.close()  # which releases the lock
 
 
@@ -144,6 +140,38 @@ def load_selfie_config(source: str, flag: str) -> SelfieConfig:
         raise UserError(
             f"{flag} {source}: its config.json is not a valid Selfie config: {first_line(error)}"
         ) from error
+
+
+def load_training_stages(source: str) -> list[dict]:
+    """Where the weights of checkpoint `source` came from, oldest stage first: its `training_stages.json`, or, for a
+    checkpoint written before that file, the `training_stages` field of its config.json. Each stage is a dict with a
+    `"task"` (`"timm_weights"`, `"pretraining"` or `"classification"`) and fields of its own; stages of other tasks
+    or with other fields, written by a later version, are kept as they are. No stages: fresh weights."""
+    try:
+        path = cached_file(source, TRAINING_STAGES_FILE, _raise_exceptions_for_missing_entries=False)
+    except OSError:  # a Hub checkpoint that is not in the cache, offline
+        path = None
+    if path is None:
+        stages, path = PreTrainedConfig.get_config_dict(source)[0].get("training_stages", []), source
+    else:
+        try:
+            with open(path) as file:
+                stages = json.load(file).get("training_stages")
+        except (OSError, ValueError, AttributeError) as error:  # unreadable, not JSON, not an object
+            raise UserError(f"{path} is not a readable JSON object of training stages ({error}).") from error
+    # Only the shape that every version writes: a later version's stages must load in this one.
+    if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+        raise UserError(f"{path}: training_stages={stages!r} must be a list of dicts.")
+    for index, stage in enumerate(stages):
+        if not isinstance(stage.get("task"), str):
+            raise UserError(f"{path}: training_stages[{index}]={stage!r} must name its 'task'.")
+    return stages
+
+
+def save_training_stages(output_dir: str, stages: list[dict]):
+    """Write `stages` beside the weights in `output_dir`, so that the chain travels with them into later runs."""
+    with open(os.path.join(output_dir, TRAINING_STAGES_FILE), "w") as file:
+        json.dump({"training_stages": stages}, file, indent=2)
 
 
 def load_checkpoint(

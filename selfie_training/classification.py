@@ -9,7 +9,7 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_selfie import CLASSIFIER_HEADS, SelfieForImageClassification
 
-from .checkpoints import find_last_checkpoint, load_selfie_config, saved_model_class
+from .checkpoints import find_last_checkpoint, load_selfie_config, output_dir_lock, saved_model_class
 from .data import (
     DataArguments,
     LabelledSubsetArguments,
@@ -33,6 +33,7 @@ from .runner import (
     save_labelled_subset,
     setup,
     train_and_evaluate,
+    training_stages,
 )
 from .trainer import ClassificationTrainer
 
@@ -53,15 +54,15 @@ class FineTuningArguments(LabelledSubsetArguments):
     pretrained_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "The learning rate of the pretrained weights (the patch network, and A for the attention_pooling "
-            "head); the fresh head (stage 4 and classifier) trains at --learning_rate. Lower keeps more of what "
+            "help": "The learning rate of the pretrained weights (the patch network, and the attention pooling "
+            "network for the attention_pooling head); the fresh head (stage 4 and classifier) trains at --learning_rate. Lower keeps more of what "
             "pretraining learnt. Needs --model_name_or_path or --backbone_weights. Default: --learning_rate."
         },
     )
     layer_decay: float = field(
         default=1.0,
         metadata={
-            "help": "Layer-wise learning rate decay: P's stage 3 trains at --pretrained_learning_rate, each stage "
+            "help": "Layer-wise learning rate decay: the patch network's stage 3 trains at --pretrained_learning_rate, each stage "
             "below at this factor times the rate of the one above (stage 2 once, stage 1 twice, the stem three "
             "times), so that the more general lower layers move less. 1: no decay. Needs --model_name_or_path or "
             "--backbone_weights."
@@ -78,7 +79,7 @@ class FineTuningArguments(LabelledSubsetArguments):
     freeze_pretrained_batchnorm: bool = field(
         default=False,
         metadata={
-            "help": "Normalise P with the BatchNorm statistics of the pretrained weights (for a checkpoint re-estimated "
+            "help": "Normalise the patch network with the BatchNorm statistics of the pretrained weights (for a checkpoint re-estimated "
             "with --batchnorm_recalibration_samples: those of whole images) throughout fine-tuning, rather than with "
             "each batch's, and leave them as they are; their scale and shift still train. Needs --model_name_or_path "
             "or --backbone_weights."
@@ -153,6 +154,12 @@ def main(args: list[str] | None = None) -> dict:
                 f"--{flag} needs pretrained weights (--model_name_or_path or --backbone_weights); "
                 "without them every weight is fresh and trains at --learning_rate."
             )
+    with output_dir_lock(training_args):
+        return fine_tune(model_args, finetuning_args, data_args, training_args)
+
+
+def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArguments) -> dict:
+    """From the data to the trained, evaluated and saved classifier, in --output_dir (locked by the caller)."""
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
@@ -169,7 +176,7 @@ def main(args: list[str] | None = None) -> dict:
     if model_args.model_name_or_path is not None and not model_args.ignore_mismatched_sizes:
         check_classes_fit(model_args.model_name_or_path, len(names))
     stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
-    config = build_config(model_args, preset, stage, **labels)
+    config = build_config(model_args, preset, **labels)
     image_processor = load_image_processor(model_args, preset, config)
     model = build_model(SelfieForImageClassification, model_args, config)
     if finetuning_args.freeze_pretrained_batchnorm:
@@ -198,6 +205,7 @@ def main(args: list[str] | None = None) -> dict:
         layer_decay=finetuning_args.layer_decay,
         freeze_pretrained_steps=finetuning_args.freeze_pretrained_steps,
         mixing=finetuning_args.mixing(training_args.label_smoothing_factor, len(names)),
+        training_stages=training_stages(model_args, stage),
         card={
             "task": "classification",
             "dataset": data_args.source,

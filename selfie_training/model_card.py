@@ -10,6 +10,7 @@ from transformers.modelcard import extract_hyperparameters_from_trainer, make_ma
 
 from modeling_selfie.configuration_selfie import is_number
 
+from .checkpoints import TRAINING_STAGES_FILE
 from .data import DIGITS
 from .timm_weights import TIMM_WEIGHTS
 
@@ -21,8 +22,9 @@ CITATION = """@article{trinh2019selfie,
   year    = {2019}
 }"""
 
-# Sections that other scripts fill in after training (`set_section`), each between its two markers.
+# Sections filled in after the card is written (`set_section`), each between its two markers.
 SECTIONS = {
+    "pretext_task": "The pretext task, as the model does it",  # run_pretraining.py, at the end of training
     "comparison": "Pretraining against training from scratch",  # run_sweep.py
     "frozen_features": "Frozen-feature evaluation",  # run_evaluation.py
 }
@@ -84,7 +86,7 @@ USAGE = {
 processor = AutoImageProcessor.from_pretrained("{path}")
 encoder = AutoModel.from_pretrained("{path}", trust_remote_code=True)
 inputs = processor(images, return_tensors="pt")
-summary = encoder(**inputs).pooler_output  # u: the attention-pooled summary of the image's patches""",
+summary = encoder(**inputs).pooler_output  # the summary vector: the attention-pooled summary of the image's patches""",
     "classification": """from transformers import pipeline
 
 classify = pipeline("image-classification", model="{path}", trust_remote_code=True)
@@ -129,10 +131,11 @@ def write_model_card(
     dataset_description: str,
     evaluation_split: str = "validation",
     model_name_or_path: str | None = None,
+    stages: list[dict],
 ):
     """Write `README.md` into the trainer's output directory, with the results of the trainer's latest evaluation
-    (in the Markdown and in the YAML header's `model-index`) and the chain of training stages that the model's config
-    records. `task` is "pretraining" or "classification"; `model_name_or_path` the checkpoint the run started from
+    (in the Markdown and in the YAML header's `model-index`) and `stages`, the chain of training stages that the
+    weights went through. `task` is "pretraining" or "classification"; `model_name_or_path` the checkpoint the run started from
     (--model_name_or_path), the card's `base_model` where it is a Hub model and the run trained."""
     if not trainer.is_world_process_zero():
         return
@@ -178,11 +181,11 @@ def write_model_card(
         card_data,
         template_str=TEMPLATE,
         model_name=model_name,
-        description=DESCRIPTIONS[task].format(origin=_origin(config), head=head),
+        description=DESCRIPTIONS[task].format(origin=_origin(stages, config.backbone), head=head),
         results=_results_table(latest),
         dataset_description=dataset_description,
-        stages=f"Oldest first, each stage starting from the weights of the one before (`training_stages` in "
-        f"`config.json`):\n\n{describe_stages(config.training_stages, config.backbone)}"
+        stages=f"Oldest first, each stage starting from the weights of the one before (`{TRAINING_STAGES_FILE}`):"
+        f"\n\n{describe_stages(stages, config.backbone)}"
         + (_describe_start(model_name_or_path, base_model) if trained and model_name_or_path else ""),
         hyperparameters="\n".join(f"- {name}: {value}" for name, value in hyperparameters.items()),
         training_log=make_markdown_table(log_lines) if log_lines else "No evaluation during training.",
@@ -289,7 +292,7 @@ def set_frozen_feature_results(card_path: str, results: list[EvalResult]):
 
 
 def describe_stages(stages: list[dict], backbone: str) -> str:
-    """A chain of `SelfieConfig.training_stages`, e.g. "timm resnet50 weights from w.safetensors → Selfie pretraining
+    """A chain of training stages (`checkpoints.load_training_stages`), e.g. "timm resnet50 weights from w.safetensors → Selfie pretraining
     on X (norm layers only) → fine-tuning on Y"; a chain that does not start from timm weights starts fresh."""
     start = [] if stages and stages[0]["task"] == "timm_weights" else ["fresh weights"]
     return " → ".join(start + [_describe_stage(stage, backbone) for stage in stages])
@@ -330,11 +333,11 @@ def describe_objective(config) -> str:
     return objective
 
 
-def _origin(config) -> str:
+def _origin(stages: list[dict], backbone: str) -> str:
     """Where a classifier's patch network came from: the stages before its first fine-tuning."""
-    tasks = [stage["task"] for stage in config.training_stages]
-    earlier = config.training_stages[: tasks.index("classification") if "classification" in tasks else len(tasks)]
-    return f"pretrained ({describe_stages(earlier, config.backbone)})" if earlier else "trained from scratch"
+    tasks = [stage["task"] for stage in stages]
+    earlier = stages[: tasks.index("classification") if "classification" in tasks else len(tasks)]
+    return f"pretrained ({describe_stages(earlier, backbone)})" if earlier else "trained from scratch"
 
 
 def _latest_evaluation(log_history: list[dict]) -> dict | None:

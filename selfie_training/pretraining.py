@@ -8,7 +8,7 @@ from transformers import TrainingArguments, set_seed
 from modeling_selfie import SelfieForMaskedPatchPrediction
 from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES
 
-from .checkpoints import find_last_checkpoint
+from .checkpoints import find_last_checkpoint, output_dir_lock
 from .data import (
     DataArguments,
     RandomStream,
@@ -33,8 +33,10 @@ from .runner import (
     parse_arguments,
     setup,
     train_and_evaluate,
+    training_stages,
 )
 from .trainer import PretrainingTrainer
+from .visualization import FIGURE_IMAGES, PretextFigure
 
 
 logger = logging.getLogger(__name__)
@@ -73,19 +75,20 @@ ARGUMENTS = (ModelArguments, PretrainingArguments, DataArguments, KNNMonitorArgu
 
 
 def main(args: list[str] | None = None) -> dict:
-    return train_and_evaluate(*build_trainer(args))
+    trainer, training_args, image_processor = build_trainer(args)
+    with output_dir_lock(training_args):
+        return train_and_evaluate(trainer, training_args, image_processor, find_last_checkpoint(training_args))
 
 
 def build_trainer(args: list[str] | None = None) -> tuple:
-    """Everything up to training: the trainer, the training arguments, the image processor and the checkpoint to
-    resume from (the benchmarks time this trainer's steps)."""
+    """Everything up to training: the trainer, the training arguments and the image processor (the benchmarks time
+    this trainer's steps)."""
     model_args, pretraining_args, data_args, monitor_args, training_args = parse_arguments(ARGUMENTS, args)
     check_there_is_work(training_args)
     setup(training_args)
     # The masks ride in the batch as `bool_masked_pos`: naming them the labels makes the Trainer hand them to
     # the metrics, and compute the evaluation loss, as it does for labels.
     training_args.label_names = ["bool_masked_pos"]
-    checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     splits = load_splits(data_args)
@@ -97,10 +100,10 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         recalibration_images, stage["batchnorm_recalibration_samples"] = draw_images(
             splits["train"], pretraining_args.batchnorm_recalibration_samples, data_args.split_seed
         )
-    config = build_config(model_args, preset, stage if training_args.do_train else None)
-    if training_args.do_train and config.masking_strategy != "random":
+    config = build_config(model_args, preset)
+    if config.masking_strategy != "random":
         # Another objective than Selfie's own, in words: it travels with the weights into every later card.
-        config.training_stages[-1]["objective"] = describe_objective(config)
+        stage["objective"] = describe_objective(config)
     if recalibration_images is not None and config.backbone_norm != "batchnorm":
         raise UserError(
             f"--batchnorm_recalibration_samples needs BatchNorm in the patch network, but its backbone_norm is "
@@ -110,7 +113,10 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     if pretraining_args.train_norm_only:
         if model_args.model_name_or_path is None:
-            logger.warning("--train_norm_only without --model_name_or_path: A and the embeddings stay as initialised.")
+            logger.warning(
+                "--train_norm_only without --model_name_or_path: the attention pooling network and the position "
+                "embeddings stay as initialised."
+            )
         train_norm_layers_only(model)
 
     train_transform = image_transform(
@@ -134,6 +140,15 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         compute_metrics=compute_candidate_accuracy,
         preprocess_logits_for_metrics=image_candidate_hits,
         max_unreadable_fraction=data_args.max_unreadable_fraction,
+        training_stages=training_stages(model_args, stage if training_args.do_train else None),
+        pretext_figure=PretextFigure(
+            with_image_transform(
+                limit_samples(splits["validation"], FIGURE_IMAGES, data_args.split_seed), eval_transform, image_column
+            ),
+            image_processor,
+            seed=data_args.split_seed,
+            source=describe_figure_images(data_args),
+        ),
         card={
             "task": "pretraining",
             "dataset": data_args.source,
@@ -152,7 +167,14 @@ def build_trainer(args: list[str] | None = None) -> tuple:
                 num_workers=training_args.dataloader_num_workers,
             )
         )
-    return trainer, training_args, image_processor, checkpoint
+    return trainer, training_args, image_processor
+
+
+def describe_figure_images(data_args: DataArguments) -> str:
+    """The images of the pretext task's figure, validation images (`load_splits`), in words."""
+    if data_args.evaluation_split == "train":  # the dataset has no validation split: they are held out from train
+        return f"images held out from the training split of {data_args.source} (not trained on)"
+    return f"images of the {data_args.evaluation_split} split of {data_args.source}"
 
 
 def draw_images(dataset, samples: int, seed: int) -> tuple:
@@ -173,4 +195,4 @@ def train_norm_layers_only(model: SelfieForMaskedPatchPrediction):
             module.requires_grad_(True)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
-    logger.info("--train_norm_only: training %s of %s parameters (P's norm layers).", f"{trainable:,}", f"{total:,}")
+    logger.info("--train_norm_only: training %s of %s parameters (the patch network's norm layers).", f"{trainable:,}", f"{total:,}")

@@ -18,7 +18,7 @@ from modeling_selfie import SelfieConfig, preset_image_processor
 from modeling_selfie.configuration_selfie import is_number, is_positive_int
 from modeling_selfie.modeling_selfie import create_resnet
 
-from .checkpoints import load_checkpoint, load_selfie_config, unlock_output_dir
+from .checkpoints import load_checkpoint, load_selfie_config, load_training_stages
 from .errors import TrainingStopped, UserError, first_line
 from .timm_weights import TIMM_WEIGHTS, load_timm_weights
 from .trainer import StopOnSignal, stop_when_disk_full
@@ -203,16 +203,13 @@ def _describe_timm_weights(weights: str, config: SelfieConfig) -> str:
     return f"timm's {config.backbone} weights" if weights == TIMM_WEIGHTS else f"the timm weights in {weights}"
 
 
-def build_config(model_args: ModelArguments, preset_name: str, stage: dict | None = None, **fields) -> SelfieConfig:
+def build_config(model_args: ModelArguments, preset_name: str, **fields) -> SelfieConfig:
     """The checkpoint's config (--config_name, --model_name_or_path) or the preset's, with `fields` and the
-    --backbone, --backbone_kwargs, --backbone_weights and --config_overrides flags applied, validated as a whole.
-    Its `training_stages` are those of the starting weights followed by `stage`, this run's training (None for a
-    run that does not train)."""
+    --backbone, --backbone_kwargs and --config_overrides flags applied, validated as a whole."""
     flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     source = model_args.config_name or model_args.model_name_or_path
     config = load_selfie_config(source, flag) if source else SelfieConfig.from_preset(preset_name)
     values = {**config.to_dict(), **fields}
-    values["training_stages"] = [*_starting_stages(model_args), *([stage] if stage else [])]
     if model_args.backbone is not None:
         values["backbone"] = model_args.backbone
     if model_args.backbone_kwargs is not None:
@@ -259,13 +256,16 @@ def _check_backbone_builds(config: SelfieConfig):
         ) from error
 
 
-def _starting_stages(model_args: ModelArguments) -> list[dict]:
-    """The training stages that the starting weights went through."""
+def training_stages(model_args: ModelArguments, stage: dict | None) -> list[dict]:
+    """Where the run's weights come from: the training stages that the starting weights went through, followed by
+    `stage`, this run's training (None for a run that does not train)."""
     if model_args.backbone_weights is not None:
-        return [{"task": "timm_weights", "weights": model_args.backbone_weights}]
-    if model_args.model_name_or_path is not None:
-        return load_selfie_config(model_args.model_name_or_path, "--model_name_or_path").training_stages
-    return []  # fresh weights, even where --config_name copies the architecture of a trained model
+        starting = [{"task": "timm_weights", "weights": model_args.backbone_weights}]
+    elif model_args.model_name_or_path is not None:
+        starting = load_training_stages(model_args.model_name_or_path)
+    else:
+        starting = []  # fresh weights, even where --config_name copies the architecture of a trained model
+    return [*starting, *([stage] if stage else [])]
 
 
 def _override_names(overrides: str) -> list[str]:
@@ -321,10 +321,10 @@ IMAGE_PROCESSOR_FIELDS = {
         lambda value: isinstance(value, dict) and is_positive_int(value.get("shortest_edge")),
         "must be {'shortest_edge': int}",
     ),
-    "image_mean": (lambda value: _are_numbers(value, 3), "must be 3 numbers, one a channel"),
+    "image_mean": (lambda value: _are_numbers(value, 3), "must be 3 numbers, one per channel"),
     "image_std": (
         lambda value: _are_numbers(value, 3) and min(value) > 0,
-        "must be 3 positive numbers, one a channel",
+        "must be 3 positive numbers, one per channel",
     ),
 }
 IMAGE_PROCESSOR_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")  # the transforms do them all
@@ -357,13 +357,9 @@ def _are_numbers(value, count: int) -> bool:
 def train_and_evaluate(trainer, training_args: TrainingArguments, image_processor, checkpoint: str | None) -> dict:
     """Train (resuming from `checkpoint`), save the model and its image processor, evaluate, save the metrics as
     JSON, and write the model card (a run that does not train keeps a card already in --output_dir). Returns the
-    metrics. Releases the --output_dir lock of `find_last_checkpoint`, however it ends, so that the next run (in this
-    process or another) can take it."""
-    try:
-        with stop_when_disk_full(training_args.output_dir):
-            return _train_and_evaluate(trainer, training_args, image_processor, checkpoint)
-    finally:
-        unlock_output_dir(training_args)
+    metrics."""
+    with stop_when_disk_full(training_args.output_dir):
+        return _train_and_evaluate(trainer, training_args, image_processor, checkpoint)
 
 
 def _train_and_evaluate(trainer, training_args: TrainingArguments, image_processor, checkpoint: str | None) -> dict:

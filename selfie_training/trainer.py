@@ -19,11 +19,12 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .checkpoints import load_selfie_config, saved_model_class
+from .checkpoints import load_selfie_config, save_training_stages, saved_model_class
 from .data import RandomStream
 from .errors import TrainingStopped, UserError
-from .model_card import write_model_card
+from .model_card import set_section, write_model_card
 from .trainer_hooks import TrainerHooks
+from .visualization import PretextFigure
 
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class SelfieTrainer(TrainerHooks):
     Selfie model card; it stops on a non-finite loss; and it accounts for the images the collator could not read.
 
     `card` holds what the card needs beyond the trainer's state: the keyword arguments of `write_model_card` (`task`,
-    `dataset`, `dataset_description`, `evaluation_split`, `model_name_or_path`); where the weights came from, the
-    card reads from the config's `training_stages`.
+    `dataset`, `dataset_description`, `evaluation_split`, `model_name_or_path`). `training_stages`, where the weights
+    came from (`runner.training_stages`), is saved beside every checkpoint's weights and shown in the card.
     Unreadable images are logged and appended to `unreadable_images.txt` in the output directory; the run stops
     once they are more than `max_unreadable_fraction` of the images read (counting at least 1,000, so that one bad
     file among the first few batches does not stop it).
@@ -48,6 +49,7 @@ class SelfieTrainer(TrainerHooks):
         self,
         *args,
         card: dict,
+        training_stages: list[dict],
         data_stream: RandomStream,
         eval_stream: RandomStream | None = None,
         max_unreadable_fraction: float = 0.01,
@@ -58,6 +60,7 @@ class SelfieTrainer(TrainerHooks):
     ):
         super().__init__(*args, **kwargs)
         self.card = card
+        self.training_stages = training_stages
         self.pretrained_learning_rate = pretrained_learning_rate
         self.layer_decay = layer_decay
         self.freeze_pretrained_steps = freeze_pretrained_steps
@@ -228,7 +231,13 @@ class SelfieTrainer(TrainerHooks):
         return scheduler
 
     def create_model_card(self, **kwargs):
-        write_model_card(self, **self.card)
+        write_model_card(self, stages=self.training_stages, **self.card)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Trainer saves every checkpoint through here too: each carries the stages that its weights went through.
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            save_training_stages(output_dir or self.args.output_dir, self.training_stages)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         inputs = self._take_batch_notes(inputs, training=True)
@@ -314,7 +323,8 @@ class StopOnSignal(TrainerCallback):
 class PretrainingTrainer(SelfieTrainer):
     """Logs, beside the loss, the training candidate accuracy (the share of positions filled in whose own patch scored
     highest) and, where the objective has more than one term, each term: the patch-selection loss and the image
-    contrastive loss. Each is averaged over the steps since the last log and over processes."""
+    contrastive loss. Each is averaged over the steps since the last log and over processes. With `pretext_figure`,
+    its model card shows the pretext task as the model does it."""
 
     # The model's outputs logged, and their names in the logs.
     LOGGED_OUTPUTS = {
@@ -323,9 +333,22 @@ class PretrainingTrainer(SelfieTrainer):
         "image_contrastive_loss": "image_contrastive_loss",
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, pretext_figure: PretextFigure | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.pretext_figure = pretext_figure
         self._output_sums, self._output_steps = {}, 0
+
+    def create_model_card(self, **kwargs):
+        """The card, with the figure of the pretext task. The figure is drawn at the first call, which the scripts
+        make on every process (the model's forward may gather across processes); a later call (`push_to_hub`'s, on
+        the main process only) shows it as drawn."""
+        figure = self.pretext_figure
+        if figure is not None and figure.images is None:
+            figure.write(self.model, self.args.output_dir, self.is_world_process_zero())
+        super().create_model_card(**kwargs)
+        if figure is not None and figure.images and self.is_world_process_zero():
+            card = os.path.join(self.args.output_dir, "README.md")
+            set_section(card, "pretext_task", figure.card_section(self.model.config.masking_strategy == "split"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

@@ -93,16 +93,14 @@ def class_images(num_classes: int, per_class: int, size=(40, 36), seed: int = 0)
 
 
 def last_checkpoint(output: Path, **fields) -> str | None:
-    """find_last_checkpoint as the scripts call it, its lock released after."""
+    """find_last_checkpoint as the scripts call it, inside the --output_dir lock."""
     from transformers import TrainingArguments
 
-    from selfie_training.checkpoints import find_last_checkpoint, unlock_output_dir
+    from selfie_training.checkpoints import find_last_checkpoint, output_dir_lock
 
     args = TrainingArguments(output_dir=str(output), do_train=True, report_to="none", **fields)
-    try:
+    with output_dir_lock(args):
         return find_last_checkpoint(args)
-    finally:
-        unlock_output_dir(args)
 
 
 # accelerate's torchrun launcher (--multi_gpu) on the CPU: two processes joined by gloo.

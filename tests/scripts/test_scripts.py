@@ -106,7 +106,7 @@ def test_pretraining_with_the_split_objective_logs_each_term_and_names_it(tmp_pa
     objective = (
         "SplitMask split-and-match, halves of 8 and 8 patches filling in each other, plus 0.5 x image-level InfoNCE"
     )
-    assert config["training_stages"][-1]["objective"] == objective
+    assert read_json(output / "training_stages.json")["training_stages"][-1]["objective"] == objective
     card = (output / "README.md").read_text()
     assert f"Objective: {objective}." in card and f"Selfie pretraining on sklearn-digits ({objective})" in card
     assert "- masking_strategy: split" in card and "- image_contrastive_weight: 0.5" in card

@@ -19,6 +19,7 @@ from modeling_selfie import (
     preset_image_processor,
 )
 from selfie_training import feature_evaluation as run_evaluation
+from selfie_training.checkpoints import load_training_stages
 from selfie_training.data import DataArguments, image_transform, load_splits, with_image_transform
 from selfie_training.evaluation import (
     KNNMonitor,
@@ -201,7 +202,7 @@ def test_pretraining_can_end_with_whole_images_batchnorm_statistics(tmp_path, pa
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.allclose(weights["selfie.patch_network.bn1.running_var"], stem_variance_of_patches)
 
-    stage = saved.config.training_stages[-1]
+    stage = load_training_stages(str(output))[-1]
     assert stage["batchnorm_recalibration_samples"] == len(train) < 100
     assert f"BatchNorm statistics re-estimated on {len(train)} whole images" in (output / "README.md").read_text()
     # At the scripts' default log level, as the transformers examples set it (info on the main process).

@@ -48,7 +48,12 @@ def test_the_pretrained_learning_rate_applies_to_the_base_models_parameters_only
     model = SelfieForImageClassification(tiny_config())
     arguments = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.004, weight_decay=0.05, report_to="none")
     trainer = SelfieTrainer(
-        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001
+        model=model,
+        args=arguments,
+        card={},
+        training_stages=[],
+        data_stream=RandomStream(0),
+        pretrained_learning_rate=0.001,
     )
     base = {id(parameter) for parameter in model.base_model.parameters()}
     learning_rates = {}
@@ -73,7 +78,7 @@ def test_frozen_pretrained_steps_hold_the_pretrained_learning_rate_at_zero_then_
         output_dir=str(tmp_path), learning_rate=0.004, warmup_steps=2, lr_scheduler_type="cosine", report_to="none"
     )
     trainer = SelfieTrainer(
-        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001,
+        model=model, args=arguments, card={}, training_stages=[], data_stream=RandomStream(0), pretrained_learning_rate=0.001,
         freeze_pretrained_steps=3,
     )  # fmt: skip
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
@@ -119,7 +124,7 @@ def test_layer_decay_lowers_the_learning_rate_stage_by_stage_down_the_patch_netw
     model = SelfieForImageClassification(tiny_config())
     arguments = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.004, weight_decay=0.05, report_to="none")
     trainer = SelfieTrainer(
-        model=model, args=arguments, card={}, data_stream=RandomStream(0), pretrained_learning_rate=0.001,
+        model=model, args=arguments, card={}, training_stages=[], data_stream=RandomStream(0), pretrained_learning_rate=0.001,
         layer_decay=0.5,
     )  # fmt: skip
     rate_of = {
@@ -230,7 +235,9 @@ def test_mixed_training_batches_train_on_soft_targets_and_evaluation_reads_image
     model = SelfieForImageClassification(tiny_config(num_labels=3))
     arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     mixing = Mixup(mixup_alpha=1.0, label_smoothing=0.0, num_classes=3)
-    trainer = ClassificationTrainer(model=model, args=arguments, card={}, data_stream=RandomStream(0), mixing=mixing)
+    trainer = ClassificationTrainer(
+        model=model, args=arguments, card={}, training_stages=[], data_stream=RandomStream(0), mixing=mixing
+    )
     inputs = {"pixel_values": images(model.config, batch_size=4), "labels": torch.tensor([0, 1, 2, 0])}
     model.eval()  # the same features either way: no batch statistics in the comparison
     numpy.random.seed(0)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from torch import nn
 
 from modeling_selfie import SelfieConfig, SelfieForImageClassification, SelfieForMaskedPatchPrediction
 from selfie_training import pretraining
+from selfie_training.checkpoints import TRAINING_STAGES_FILE, load_training_stages
 from selfie_training.model_card import describe_stages
-from selfie_training.runner import ModelArguments, build_config, train_and_evaluate
+from selfie_training.runner import ModelArguments, train_and_evaluate, training_stages
 from selfie_training.timm_weights import load_timm_weights
 from tests.utils import QUIET_FLAGS, TINY_MODEL, TINY_MODEL_FLAGS, class_images, fine_tune, pretrain, tiny_config
 
@@ -57,7 +59,7 @@ def pretraining_stage(output_dir: Path, *flags: str) -> tuple[dict, object]:
     """One run_pretraining.py stage: the weights it started from, and its trainer after training."""
     trainer, *rest = build_pretraining(output_dir, *flags, *STEPS)
     start = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
-    train_and_evaluate(trainer, *rest)
+    train_and_evaluate(trainer, *rest, None)  # a fresh --output_dir: no checkpoint to resume
     return start, trainer
 
 
@@ -140,7 +142,7 @@ def test_norm_only_stage_trains_the_norms_of_p_and_nothing_else(chain):
     optimized = {id(parameter) for group in groups for parameter in group["params"]}
     trainable = {id(parameter) for name, parameter in model.named_parameters() if name in norms}
     assert optimized == trainable and len(trainable) == 10 * 2
-    assert read_config(chain["root"] / "stage3").training_stages[-1] == {
+    assert load_training_stages(str(chain["root"] / "stage3"))[-1] == {
         "task": "pretraining",
         "dataset": str(chain["target"]),
         "norm_only": True,
@@ -174,8 +176,9 @@ def test_the_chain_travels_with_the_checkpoints_into_the_cards(chain, tmp_path):
         {"task": "pretraining", "dataset": str(target), "norm_only": True},
         {"task": "classification", "dataset": str(target)},
     ]
-    assert read_config(classifier).training_stages == expected
-    assert read_config(root / "stage2").training_stages == expected[:3]
+    assert load_training_stages(str(classifier)) == expected
+    assert load_training_stages(str(root / "stage2")) == expected[:3]
+    assert "training_stages" not in read_config(classifier).to_dict()  # provenance, not architecture
     chain_text = (
         f"timm resnet18 weights from {chain['timm_file']} → Selfie pretraining on {base} → Selfie pretraining on "
         f"{target} → Selfie pretraining on {target} (norm layers only)"
@@ -190,15 +193,31 @@ def test_the_chain_travels_with_the_checkpoints_into_the_cards(chain, tmp_path):
 
 def test_fresh_starts_and_eval_only_runs_add_no_stage(chain):
     stage2 = str(chain["root"] / "stage2")
-    recorded = read_config(stage2).training_stages
+    recorded = load_training_stages(stage2)
     # --config_name copies the architecture with fresh weights: no history, and no download of timm's weights.
-    copied = build_config(ModelArguments(config_name=stage2), "imagenet32", {"task": "classification", "dataset": "d"})
-    assert copied.training_stages == [{"task": "classification", "dataset": "d"}]
-    assert (
-        build_config(ModelArguments(model_name_or_path=stage2), "imagenet32").training_stages == recorded
-    )  # no training
-    online = build_config(ModelArguments(backbone_weights="timm"), "imagenet32")
-    assert online.training_stages == [{"task": "timm_weights", "weights": "timm"}]
+    stage = {"task": "classification", "dataset": "d"}
+    assert training_stages(ModelArguments(config_name=stage2), stage) == [stage]
+    assert training_stages(ModelArguments(model_name_or_path=stage2), None) == recorded  # no training
+    online = training_stages(ModelArguments(backbone_weights="timm"), None)
+    assert online == [{"task": "timm_weights", "weights": "timm"}]
+
+
+def test_a_checkpoint_written_with_stages_in_its_config_keeps_them(chain, tmp_path):
+    """Checkpoints of earlier versions hold their stages in config.json: they load, and the chain goes on from them."""
+    old = tmp_path / "old"
+    shutil.copytree(chain["root"] / "stage2", old)
+    stages = json.loads((old / TRAINING_STAGES_FILE).read_text())["training_stages"]
+    (old / TRAINING_STAGES_FILE).unlink()
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "training_stages": stages}))
+    assert load_training_stages(str(old)) == stages
+    assert "training_stages" not in SelfieConfig.from_pretrained(old).to_dict()
+    classifier = tmp_path / "classifier"
+    fine_tune(classifier, "--model_name_or_path", str(old), "--train_dir", str(chain["target"]), *STEPS)
+    assert load_training_stages(str(classifier)) == [
+        *stages,
+        {"task": "classification", "dataset": str(chain["target"])},
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -313,7 +332,7 @@ def test_backbone_weights_timm_starts_from_timms_weights_or_says_it_cannot(tmp_p
     monkeypatch.setattr(timm, "create_model", create_model)
     trainer, *_ = build_pretraining(tmp_path / "run", "--backbone_weights", "timm", "--train_dir", str(chain["base"]))
     assert (trainer.model.selfie.patch_network.layer3[0].conv1.weight == 0.5).all()
-    assert trainer.model.config.training_stages[0] == {"task": "timm_weights", "weights": "timm"}
+    assert trainer.training_stages[0] == {"task": "timm_weights", "weights": "timm"}
     reachable[0] = False
     with pytest.raises(
         ValueError, match=r"^--backbone_weights timm: timm's resnet18 weights could not be fetched \(Cannot find"
@@ -330,12 +349,14 @@ def test_backbone_weights_timm_starts_from_timms_weights_or_says_it_cannot(tmp_p
         ([{"dataset": "d"}], r"training_stages\[0\]=.* must name its 'task'"),
     ],
 )
-def test_bad_training_stages_raise_value_errors_naming_the_entry(stages, message):
-    with pytest.raises(ValueError, match=rf"^SelfieConfig\.{message}"):
-        tiny_config(training_stages=stages)
+def test_bad_training_stages_are_refused_naming_the_file_and_entry(tmp_path, stages, message):
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / TRAINING_STAGES_FILE).write_text(json.dumps({"training_stages": stages}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / TRAINING_STAGES_FILE}: {message}"):
+        load_training_stages(str(tmp_path))
 
 
-def test_stages_of_a_later_version_load_and_show_in_the_model_card():
+def test_stages_of_a_later_version_load_and_show_in_the_model_card(tmp_path):
     """Provenance is forward-compatible: a checkpoint written by a later version, with a new kind of stage or a new
     field, loads, and its card names the stage by its fields."""
     stages = [
@@ -343,7 +364,9 @@ def test_stages_of_a_later_version_load_and_show_in_the_model_card():
         {"task": "distillation", "teacher": "t"},
         {"task": "classification", "dataset": "e"},
     ]
-    assert tiny_config(training_stages=stages).training_stages == stages
+    path = tmp_path / TRAINING_STAGES_FILE
+    path.write_text(json.dumps({"training_stages": stages}))
+    assert load_training_stages(str(tmp_path)) == stages
     assert describe_stages(stages, "resnet18") == (
         "fresh weights → Selfie pretraining on d (split) → distillation (teacher: t) → fine-tuning on e"
     )

@@ -189,10 +189,14 @@ def test_hub_ids_are_ids_that_name_no_local_path(tmp_path, monkeypatch):
 def test_hub_dataset_and_base_model_of_a_run_from_the_hub(tmp_path, do_train):
     """A run on a Hub dataset from a Hub checkpoint (impossible offline to train: the card is written from a trainer
     whose log holds an evaluation). Without training, neither is the weights' origin."""
-    config = tiny_config(training_stages=[{"task": "pretraining", "dataset": "x"}, {"task": "classification"}])
+    stages = [{"task": "pretraining", "dataset": "x"}, {"task": "classification"}]
     arguments = TrainingArguments(output_dir=str(tmp_path / "run"), do_train=do_train, report_to="none")
     trainer = SelfieTrainer(
-        model=SelfieForImageClassification(config), args=arguments, card={}, data_stream=RandomStream(0)
+        model=SelfieForImageClassification(tiny_config()),
+        args=arguments,
+        card={},
+        training_stages=stages,
+        data_stream=RandomStream(0),
     )
     trainer.state.log_history = [{"eval_loss": 1.25, "eval_accuracy": 0.5, "eval_runtime": 0.1, "step": 4}]
     write_model_card(
@@ -201,6 +205,7 @@ def test_hub_dataset_and_base_model_of_a_run_from_the_hub(tmp_path, do_train):
         dataset="uoft-cs/cifar10",
         dataset_description="CIFAR-10.",
         model_name_or_path="someone/selfie-cifar10",
+        stages=stages,
     )
     card = card_of(tmp_path / "run")
     assert {result.metric_type: result.metric_value for result in card.data.eval_results} == {

@@ -63,7 +63,7 @@ def global_step(state_file: Path) -> int:
     return json.loads(state_file.read_text())["global_step"]
 
 
-# Another run's lock, as lock_output_dir takes it: an flock on the lock file, which holds the PID.
+# Another run's lock, as output_dir_lock takes it: an flock on the lock file, which holds the PID.
 LOCK_HOLDER = """import fcntl, os, sys
 file = open(sys.argv[1], "a+")
 fcntl.flock(file, fcntl.LOCK_EX)
@@ -88,9 +88,11 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused(run, monkeypatch):
     holder.communicate("")  # the other run ends, and the kernel releases its lock
     assert global_step(run / "trainer_state.json") == 2 and not (run / "checkpoint-3").exists()
 
-    # A run that fails in this process before training keeps the lock until the process's next run into the folder.
+    # A run that fails before training releases the lock: the folder is free for the next run.
     with pytest.raises(ValueError, match=r"--image_column_name 'picture' is not a column"):
         pretrain(run, *FLAGS, "--max_steps", "3", "--image_column_name", "picture")
+    with open(run / LOCK_FILE) as file:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     held_while_training = []
 
     def training_step(self, *args, **kwargs):
