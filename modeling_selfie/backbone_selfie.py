@@ -63,8 +63,8 @@ class SelfieBackbone(BackboneMixin, SelfiePreTrainedModel):
         if model.layer4 is not None and any(key.startswith("layer4.") for key in loading_info["missing_keys"]):
             raise ValueError(
                 f"{pretrained_model_name_or_path} has no stage-4 weights (only a classifier with the 'resnet' head "
-                "has them): its 'stage4' would be random. Leave 'stage4' out of out_features (the stages of P are "
-                "'stem', 'stage1', 'stage2' and 'stage3')."
+                "has them): its 'stage4' would be random. Leave 'stage4' out of out_features (the patch network's "
+                "stages are 'stem', 'stage1', 'stage2' and 'stage3')."
             )
         return (model, loading_info) if output_loading_info else model
 

@@ -546,7 +546,8 @@ class SelfieForMaskedPatchPrediction(SelfiePreTrainedModel):
     def __init__(self, config: SelfieConfig):
         super().__init__(config)
         self.selfie = SelfieModel(config)
-        # sqrt(hidden_size) by default: raw dot products of 1024-d vectors diverged within a few steps.
+        # sqrt(hidden_size) by default: it keeps the scores' scale independent of the width, as in scaled dot-product
+        # attention.
         temperature = config.score_temperature if config.score_temperature is not None else config.hidden_size**0.5
         self.queries = SelfieQueries(config)
         self.patch_selection_loss = PatchSelectionLoss(temperature)

@@ -444,7 +444,7 @@ class GridAlignedResizedCrop(v2.RandomResizedCrop):
     patch of the output is resampled from a whole number of source pixels, all patches at the same sub-pixel offsets.
     With any other side the offsets drift from patch to patch: the interpolation leaves a pattern that tells a patch
     where it lies, a shortcut through the patch-placing task that evaluation images (not resampled) do not offer,
-    and one that a patch network with width to spare learns (docs/cifar10-cpu-ablation.md)."""
+    and one that a patch network with width to spare learns (docs/research-log.md)."""
 
     def __init__(self, size, grid: tuple[int, int], scale: tuple[float, float]):
         super().__init__(size, scale=scale)
@@ -508,14 +508,14 @@ def image_transform(
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-# Raw modes in which PIL decodes 16 bits a channel to 8, keeping the high byte: colour and grey-alpha PNG and TIFF,
+# Raw modes in which PIL decodes 16 bits per channel to 8, keeping the high byte: colour and grey-alpha PNG and TIFF,
 # SGI. (One-channel 16-bit PNG and TIFF decode to the I;16 modes, which keep every bit.)
 HIGH_BYTE_RAW_MODES = re.compile(r"(L|LA|RGB|RGBA|RGBa|RGBX|CMYK);16[BLN]?")
 
 
 def read_image(entry: dict) -> Image.Image:
     """Decode an undecoded `datasets` image (`{"bytes", "path"}`) completely, so that a truncated file fails here,
-    turn it by its EXIF orientation as `datasets` and `transformers` do, and return it as RGB (with 8 bits a channel).
+    turn it by its EXIF orientation as `datasets` and `transformers` do, and return it as RGB, 8 bits per channel.
 
     Pixels that are not 8-bit are scaled by one rule; an image that the rule refuses raises a `ValueError` (counted
     as unreadable, like a corrupt file):
@@ -524,7 +524,7 @@ def read_image(entry: dict) -> Image.Image:
       0..255 as 8-bit data, unchanged. Negative values are refused.
     - float images: values in [0, 1] are scaled by 255; larger ones are levels, by the rule for integers. Negative,
       NaN and infinite values are refused.
-    - 16 bits a channel in colour (and grey-alpha) PNG and TIFF: PIL keeps the high byte (the full 16-bit range, as
+    - 16 bits per channel in colour (and grey-alpha) PNG and TIFF: PIL keeps the high byte (the full 16-bit range, as
       in `datasets`); refused when every value is below 4096, 12-bit data that would come out nearly black.
     Other modes (1, L, LA, P, RGBA, CMYK, ...) are converted by PIL; alpha is dropped, ICC profiles are not applied,
     and multi-frame files (GIF, TIFF, animated PNG) give their first frame, as in `datasets` and `transformers`."""

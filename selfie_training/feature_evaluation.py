@@ -60,9 +60,10 @@ class EvaluationArguments(KNNArguments):
     recalibrate_batchnorm: bool = field(
         default=False,
         metadata={
-            "help": "Before extracting features, re-estimate P's BatchNorm statistics on the training images (whole "
-            "images under the evaluation transform, labels unread). A pretraining checkpoint's statistics describe "
-            "patches; the random-init baseline's are those of initialisation. Off: the statistics as saved."
+            "help": "Before extracting features, re-estimate the patch network's BatchNorm statistics on the training "
+            "images (whole images under the evaluation transform, labels unread). A pretraining checkpoint's "
+            "statistics describe patches; the random-init baseline's are those of initialisation. Off: the statistics "
+            "as saved."
         },
     )
 

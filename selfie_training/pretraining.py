@@ -195,4 +195,8 @@ def train_norm_layers_only(model: SelfieForMaskedPatchPrediction):
             module.requires_grad_(True)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
-    logger.info("--train_norm_only: training %s of %s parameters (the patch network's norm layers).", f"{trainable:,}", f"{total:,}")
+    logger.info(
+        "--train_norm_only: training %s of %s parameters (the patch network's norm layers).",
+        f"{trainable:,}",
+        f"{total:,}",
+    )

@@ -37,7 +37,7 @@ def png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) 
 
 
 def sixteen_bit_png(pixels: np.ndarray, colour_type: int) -> dict:
-    """`pixels` (height, width, channels) as a PNG of 16 bits a channel: colour type 2 is RGB, 4 grey and alpha."""
+    """`pixels` (height, width, channels) as a PNG of 16 bits per channel: colour type 2 is RGB, 4 grey and alpha."""
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 (none) before every row
     return png(pixels.shape[1], pixels.shape[0], 16, colour_type, rows)
 

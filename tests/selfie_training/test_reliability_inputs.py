@@ -243,11 +243,11 @@ def test_ignore_mismatched_sizes_starts_other_tensors_afresh_but_never_the_patch
         ),
         (
             '{"channels": [8, 16]}',
-            r"^SelfieConfig\.backbone_kwargs=.* channels must be a list of 4 positive ints, one a stage\.$",
+            r"^SelfieConfig\.backbone_kwargs=.* channels must be a list of 4 positive ints, one per stage\.$",
         ),
         (
             '{"layers": [1, 1, 1, 0]}',
-            r"^SelfieConfig\.backbone_kwargs=.* layers must be a list of 4 positive ints, one a stage\.$",
+            r"^SelfieConfig\.backbone_kwargs=.* layers must be a list of 4 positive ints, one per stage\.$",
         ),
         (
             '{"drop_path_rate": "high"}',
