@@ -46,7 +46,7 @@ def compute_accuracy(eval_prediction) -> dict:
 def image_candidate_hits(outputs, labels) -> torch.Tensor:
     """`preprocess_logits_for_metrics` for pretraining: each image's candidate accuracy (`candidate_hits`) over the
     logits of every direction (`logits`, and `reverse_logits` with the split objective: all that `Trainer` keeps of
-    the outputs, as the config's `keys_to_ignore_at_inference` says), so that evaluation gathers one number an image
+    the outputs, as the config's `keys_to_ignore_at_inference` says), so that evaluation gathers one number per image
     instead of its logits."""
     return candidate_hits(*(outputs if isinstance(outputs, tuple) else (outputs,)))
 
