@@ -98,8 +98,7 @@ class SelfieBackbone(BackboneMixin, SelfiePreTrainedModel):
         hidden_states = [self.selfie.stem(pixel_values)]
         stages = [*self.selfie.patch_stages(), *([self.layer4] if self.layer4 is not None else [])]
         for stage in stages:
-            # Block by block under `gradient_checkpointing_enable()`, as in the other Selfie models.
-            hidden_states.append(self.selfie.run_stages([stage], hidden_states[-1]))
+            hidden_states.append(stage(hidden_states[-1]))
         feature_maps = tuple(hidden_states[self.stage_names.index(name)] for name in self.out_features)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(hidden_states), attentions=None)
 

@@ -1,7 +1,6 @@
 """PyTorch Selfie: self-supervised pretraining for image embedding (Trinh, Luong & Le, 2019)."""
 
 import math
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -14,6 +13,7 @@ from timm.layers import BlurPool2d, LayerNorm2d, Mlp
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -122,9 +122,24 @@ class ResNetSplit(NamedTuple):
     layer4_channels: int
 
 
+class SelfieBasicBlock(GradientCheckpointingLayer, BasicBlock):
+    """timm's BasicBlock as a transformers checkpointing layer, for `activation_checkpointing_enable()`."""
+
+
+class SelfieBottleneck(GradientCheckpointingLayer, Bottleneck):
+    """timm's Bottleneck as a transformers checkpointing layer, for `activation_checkpointing_enable()`."""
+
+
+# timm's residual blocks and the checkpointing layers they become in the Selfie models (the same weights and names).
+CHECKPOINTING_BLOCKS = {BasicBlock: SelfieBasicBlock, Bottleneck: SelfieBottleneck}
+
+
 def split_resnet(config: SelfieConfig) -> ResNetSplit:
-    """One ResNet of `config`, cut after stage 3."""
+    """One ResNet of `config`, cut after stage 3, its residual blocks made checkpointing layers."""
     resnet = create_resnet(config)
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in stage:
+            block.__class__ = CHECKPOINTING_BLOCKS[type(block)]
     layer4, layer4_channels = resnet.layer4, resnet.num_features
     resnet.prune_intermediate_layers(indices=[3])  # feature index 3 is stage 3: stage 4 goes
     resnet.num_features = resnet.feature_info[3]["num_chs"]  # timm before 1.0.31 leaves stage 4's width here
@@ -151,23 +166,24 @@ def _running_statistics_kept(module: nn.Module):
             norm.num_batches_tracked.copy_(count)
 
 
-def _updating_statistics_once(block: nn.Module):
-    """`block` as a function for activation checkpointing, which runs it twice: in the forward, and again in the
-    backward to recompute its activations. The second run must not update its BatchNorm running statistics again,
-    else every checkpointed step would move them twice as far as a step without checkpointing."""
+def _checkpoint_updating_statistics_once(checkpoint_function, block: nn.Module, function, *args, **kwargs):
+    """`checkpoint_function(function, *args, **kwargs)` for `function`, the forward of `block`. Checkpointing runs
+    it twice: in the forward, and again in the backward to recompute its activations. The second run must not update
+    the block's BatchNorm running statistics again, else every checkpointed step would move them twice as far as a
+    step without checkpointing."""
     calls = 0
 
-    def run(hidden: torch.Tensor) -> torch.Tensor:
+    def run(*inputs, **input_kwargs):
         nonlocal calls
         if torch.compiler.is_compiling():  # the compiled backward recomputes from the graph, not by calling this
-            return block(hidden)
+            return function(*inputs, **input_kwargs)
         calls += 1
         if calls == 1:
-            return block(hidden)
+            return function(*inputs, **input_kwargs)
         with _running_statistics_kept(block):
-            return block(hidden)
+            return function(*inputs, **input_kwargs)
 
-    return run
+    return checkpoint_function(run, *args, **kwargs)
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int, channels_last: bool = False) -> torch.Tensor:
@@ -247,7 +263,7 @@ def _resize_table(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class SelfieAttentionLayer(GradientCheckpointingLayer, Block):
-    """One Transformer layer of A: timm's pre-norm ViT block, checkpointed under `gradient_checkpointing_enable()`
+    """One Transformer layer of A: timm's pre-norm ViT block, checkpointed under `activation_checkpointing_enable()`
     as transformers checkpoints its layers."""
 
 
@@ -285,12 +301,21 @@ class SelfiePreTrainedModel(PreTrainedModel):
     base_model_prefix = "selfie"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # `gradient_checkpointing_enable()` checkpoints every ResNet block ([`SelfieModel.run_stages`]) and every layer of
-    # the attention pooling network.
+    # `activation_checkpointing_enable()` checkpoints every residual block of the ResNet and every layer of the
+    # attention pooling network: the model's `GradientCheckpointingLayer`s.
     supports_gradient_checkpointing = True
     # What `device_map="auto"` must keep on one device: a residual block adds its input to its branch's output, and
     # the attention pooling network joins u0 to the tokens.
-    _no_split_modules = ["BasicBlock", "Bottleneck", "SelfieAttentionPooling"]
+    _no_split_modules = ["SelfieBasicBlock", "SelfieBottleneck", "SelfieAttentionPooling"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+        # The residual blocks hold BatchNorm layers, whose running statistics the recomputation must leave alone.
+        for module in self.modules():
+            if isinstance(module, (SelfieBasicBlock, SelfieBottleneck)):
+                module._gradient_checkpointing_func = partial(
+                    _checkpoint_updating_statistics_once, gradient_checkpointing_func, module
+                )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -369,16 +394,11 @@ class SelfieModel(SelfiePreTrainedModel):
             self.patch_projection = nn.Identity()
         self.position_embeddings = SelfiePositionEmbeddings(config) if add_attention_pooling else None
         self.attention_pooling = SelfieAttentionPooling(config) if add_attention_pooling else None
-        # Set by `gradient_checkpointing_enable()`, with `_gradient_checkpointing_func`: see `run_stages`.
-        self.gradient_checkpointing = False
         self.post_init()
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P on whole images of any size: the `(batch, channels, height', width')` stage-3 feature map."""
-        if not self._checkpointing():
-            return self.patch_network.forward_features(pixel_values)
-        # timm's `forward_features`, its stages checkpointed block by block (the stem is not, as in timm).
-        return self.run_stages(self.patch_stages(), self.stem(pixel_values))
+        return self.patch_network.forward_features(pixel_values)
 
     def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P's stem: convolution, norm, activation and max-pool (none with the CIFAR stem)."""
@@ -388,22 +408,6 @@ class SelfieModel(SelfiePreTrainedModel):
     def patch_stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """P's stages 1-3, which follow the stem."""
         return self.patch_network.layer1, self.patch_network.layer2, self.patch_network.layer3
-
-    def run_stages(self, stages: Iterable[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
-        """Run ResNet stages in turn. After `gradient_checkpointing_enable()`, in training mode with gradients on,
-        every block is checkpointed: its activations are recomputed in the backward instead of kept (the BatchNorm
-        running statistics are still updated once a step)."""
-        if not self._checkpointing():
-            for stage in stages:
-                hidden = stage(hidden)
-            return hidden
-        for stage in stages:
-            for block in stage:
-                hidden = self._gradient_checkpointing_func(_updating_statistics_once(block), hidden)
-        return hidden
-
-    def _checkpointing(self) -> bool:
-        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """h: P on every patch on its own, average-pooled and projected, `(batch, num_patches, hidden_size)`."""
@@ -657,7 +661,7 @@ class SelfieForImageClassification(SelfiePreTrainedModel):
         if self.layer4 is None:
             pooled, head_states = self.selfie.summarize_feature_map(feature_map, output_hidden_states)
         else:
-            last_feature_map = self.selfie.run_stages([self.layer4], feature_map)
+            last_feature_map = self.layer4(feature_map)
             pooled, head_states = last_feature_map.mean(dim=(2, 3)), (last_feature_map,)
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None

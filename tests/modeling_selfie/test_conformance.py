@@ -17,9 +17,10 @@ from accelerate.utils import compute_module_sizes
 from safetensors.torch import load_file
 from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modeling_selfie import SelfieForImageClassification, SelfieForMaskedPatchPrediction, SelfieModel
-from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES, SelfieAttentionPooling
+from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES, SelfieAttentionLayer, SelfieAttentionPooling
 from tests.utils import fixed_mask, perturbed, tiny_config
 
 
@@ -533,6 +534,24 @@ def training_step(model, config):
     return loss, forward_counts, counts
 
 
+def checkpointing_layers(model) -> list:
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_goes_through_transformers_checkpointing_layers(variant):
+    """transformers checks that a model's checkpointing is built from `GradientCheckpointingLayer`s: every residual
+    block of the ResNet and every layer of A is one, and no other module carries a checkpointing switch."""
+    model, _ = build(variant)
+    model.activation_checkpointing_enable()
+    switched = {name for name, module in model.named_modules() if getattr(module, "gradient_checkpointing", False)}
+    layers = {name for name, module in model.named_modules() if isinstance(module, GradientCheckpointingLayer)}
+    residual_blocks = {name for name, module in model.named_modules() if isinstance(module, (BasicBlock, Bottleneck))}
+    attention_layers = {name for name, module in model.named_modules() if isinstance(module, SelfieAttentionLayer)}
+    assert residual_blocks
+    assert switched == layers == residual_blocks | attention_layers
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(variant, use_reentrant):
@@ -566,8 +585,7 @@ def test_gradient_checkpointing_switches_on_and_off_and_skips_where_there_is_no_
     with warnings.catch_warnings():  # the name that transformers 5 deprecates for activation_checkpointing_enable
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable()
-    assert model.selfie.gradient_checkpointing
-    assert all(layer.gradient_checkpointing for layer in model.selfie.attention_pooling.layers)
+    assert all(layer.gradient_checkpointing for layer in checkpointing_layers(model))
     once = {"stem": 1, "stage1": 1, "stage3": 1, "attention layer 0": 1, "attention layer 1": 1}
 
     # Only a training step with gradients recomputes: evaluation, or training without gradients, runs as usual.
@@ -580,10 +598,11 @@ def test_gradient_checkpointing_switches_on_and_off_and_skips_where_there_is_no_
         model(**model_inputs(model, config))
     assert counts == once
 
-    # Every other attention layer, as transformers' `every_n_layers` says; the ResNet blocks all.
+    # Every other layer, as transformers' `every_n_layers` says, counting the residual blocks (one a stage) first:
+    # stage 1's block, stage 3's and A's second layer.
     model.activation_checkpointing_enable(every_n_layers=2)
     _, _, counts = training_step(model, config)
-    assert counts == {"stem": 1, "stage1": 2, "stage3": 2, "attention layer 0": 2, "attention layer 1": 1}
+    assert counts == {"stem": 1, "stage1": 2, "stage3": 2, "attention layer 0": 1, "attention layer 1": 2}
 
     model.activation_checkpointing_disable()
     assert not model.is_activation_checkpointing
