@@ -11,7 +11,8 @@ except `config_overrides`, whose fields are added to the data section's. A file 
 (relative to it) holds only what it changes. For every fraction and seed, both methods
 fine-tune on the same class-balanced labelled subset (label seed = seed): "selfie" from the pretrained checkpoint,
 "scratch" from fresh weights of the same architecture. Every setting and flag is checked before the first run.
-A rerun skips the runs that have finished.
+Every run's folder records the settings it was made with (`sweep_settings.json`): a rerun skips the runs that have
+finished with its settings, and refuses, before the first run, a folder whose run was made with others.
 
 Writes `results.json`, `results.md` (mean +- std of the validation accuracy, and the difference) and
 `results.png` into `output_dir`, puts the table into the model cards of the pretrained checkpoint and of the

@@ -2,6 +2,7 @@
 paper's low-label comparison, from a sweep file (its fields are described in `run_sweep.py`)."""
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,16 @@ matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot  # noqa: E402
 
 
+logger = logging.getLogger(__name__)
+
 METHODS = ("scratch", "selfie")
+# In every run's folder: the settings the run was made with, which a rerun of the sweep compares with its own.
+SETTINGS_FILE = "sweep_settings.json"
+# Flags that change only what a run logs or shows, not what it trains: left out of the settings compared.
+DISPLAY_FLAGS = (
+    "report_to", "disable_tqdm", "log_level", "log_level_replica", "run_name", "logging_dir", "logging_strategy",
+    "logging_steps", "logging_first_step",
+)  # fmt: skip
 
 
 @dataclass
@@ -54,6 +64,14 @@ class Sweep:
             raise UserError(f"{path}: label_fractions {self.label_fractions!r} must be a list of numbers in (0, 1].")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in _as_list(self.seeds)):
             raise UserError(f"{path}: seeds {self.seeds!r} must be a list of integers.")
+        # A repeated seed or fraction names the same run folder twice: one run, read back as two.
+        for name, values in (("label_fractions", [f"{f:g}" for f in self.label_fractions]), ("seeds", self.seeds)):
+            repeated = sorted({str(value) for value in values if values.count(value) > 1})
+            if repeated:
+                raise UserError(
+                    f"{path}: {name} {getattr(self, name)!r} repeat {', '.join(repeated)}: one run each, which the "
+                    "summary would count as several; give each once."
+                )
         for name in SECTIONS:
             if not isinstance(getattr(self, name), dict):
                 raise UserError(f"{path}: {name} must be an object of flags, not {getattr(self, name)!r}.")
@@ -126,34 +144,43 @@ def merged(*sections: dict) -> dict:
     return result
 
 
+def pretraining_directory(sweep: Sweep) -> str:
+    return os.path.join(sweep.output_dir, "pretraining")
+
+
+def pretraining_settings(sweep: Sweep) -> dict:
+    """The pretraining run's flags but --output_dir."""
+    return merged(sweep.data, sweep.pretraining, {"do_train": True, "do_eval": True})
+
+
 def pretraining_flags(sweep: Sweep) -> list[str]:
-    output_dir = os.path.join(sweep.output_dir, "pretraining")
-    return flags(merged(sweep.data, sweep.pretraining, {"output_dir": output_dir, "do_train": True, "do_eval": True}))
+    return flags({**pretraining_settings(sweep), "output_dir": pretraining_directory(sweep)})
 
 
 def pretrain(sweep: Sweep) -> str:
     if sweep.pretrained_model is not None:
         return sweep.pretrained_model
-    output_dir = os.path.join(sweep.output_dir, "pretraining")
+    output_dir = pretraining_directory(sweep)
     if not os.path.exists(os.path.join(output_dir, "all_results.json")):
+        claim_run(output_dir, pretraining_record(sweep))
         pretraining.main(pretraining_flags(sweep))
     return output_dir
 
 
-def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> list[str]:
-    this_run = {
-        "output_dir": run_directory(sweep, method, fraction, seed),
-        "seed": seed,
-        "label_seed": seed,
-        "do_train": True,
-        "do_eval": True,
-        # The same architecture either way: the checkpoint's weights, or only its config.
-        ("model_name_or_path" if method == "selfie" else "config_name"): pretrained,
-    }
+def fine_tuning_settings(sweep: Sweep, method: str, fraction: float, seed: int) -> dict:
+    """A fine-tuning run's flags but --output_dir and the checkpoint it starts from."""
+    this_run = {"seed": seed, "label_seed": seed, "do_train": True, "do_eval": True}
     settings = merged(sweep.data, sweep.finetuning, getattr(sweep, method), this_run)
     if fraction < 1:
         settings["label_fraction"] = fraction
-    return flags(settings)
+    return settings
+
+
+def fine_tuning_flags(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> list[str]:
+    # The same architecture either way: the checkpoint's weights, or only its config.
+    start = "model_name_or_path" if method == "selfie" else "config_name"
+    output_dir = run_directory(sweep, method, fraction, seed)
+    return flags({**fine_tuning_settings(sweep, method, fraction, seed), "output_dir": output_dir, start: pretrained})
 
 
 def check_flags(sweep: Sweep, path: str):
@@ -177,11 +204,112 @@ def check_flags(sweep: Sweep, path: str):
 
 def fine_tune(sweep: Sweep, pretrained: str, method: str, fraction: float, seed: int) -> float:
     """The validation accuracy of one fine-tuning run (read back if it has finished before)."""
-    results_file = os.path.join(run_directory(sweep, method, fraction, seed), "all_results.json")
+    output_dir = run_directory(sweep, method, fraction, seed)
+    results_file = os.path.join(output_dir, "all_results.json")
     if not os.path.exists(results_file):
+        claim_run(output_dir, fine_tuning_record(sweep, method, fraction, seed))
         classification.main(fine_tuning_flags(sweep, pretrained, method, fraction, seed))
     with open(results_file) as file:
         return json.load(file)["eval_accuracy"]
+
+
+def pretraining_record(sweep: Sweep) -> dict[str, str]:
+    """The settings that make the pretraining run, as its folder's SETTINGS_FILE holds them."""
+    return _as_strings(pretraining_settings(sweep))
+
+
+def fine_tuning_record(sweep: Sweep, method: str, fraction: float, seed: int) -> dict[str, str]:
+    """The settings that make a fine-tuning run: its own, and those of the checkpoint it starts from (the sweep's
+    pretraining run's, which its folder's path does not tell, or the path of --pretrained_model)."""
+    record = _as_strings(fine_tuning_settings(sweep, method, fraction, seed))
+    if sweep.pretrained_model is not None:
+        return {**record, "pretrained_model": sweep.pretrained_model}
+    return {**record, **{f"pretraining.{name}": value for name, value in pretraining_record(sweep).items()}}
+
+
+def _as_strings(settings: dict) -> dict[str, str]:
+    """Each flag's value as the run's command line gives it, but for the flags that only change what it shows."""
+    return {name: " ".join(flags({name: value})[1:]) for name, value in settings.items() if name not in DISPLAY_FLAGS}
+
+
+def planned_runs(sweep: Sweep) -> list[tuple[str, dict[str, str]]]:
+    """The folder and the settings record of every run of the sweep."""
+    runs = [] if sweep.pretrained_model is not None else [(pretraining_directory(sweep), pretraining_record(sweep))]
+    for fraction in sweep.label_fractions:
+        for seed in sweep.seeds:
+            for method in METHODS:
+                record = fine_tuning_record(sweep, method, fraction, seed)
+                runs.append((run_directory(sweep, method, fraction, seed), record))
+    return runs
+
+
+def check_reused_runs(sweep: Sweep, path: str):
+    """A rerun of a sweep reuses the runs it finds in its folders, which must have been made with its settings: a run
+    made with others (another objective, learning rate, number of steps) is refused before the first run, naming
+    what changed, since its results would be reported as this sweep's. A run made before sweeps recorded their
+    settings cannot be compared: it is reused, named in a warning."""
+    changed, unrecorded = [], []
+    for output_dir, record in planned_runs(sweep):
+        stored = read_record(output_dir)
+        if stored is None and _has_run(output_dir):
+            unrecorded.append(output_dir)
+        elif stored is not None and stored != record:
+            changed.append((output_dir, stored, record))
+    if changed:
+        output_dir, stored, record = changed[0]
+        others = f"; so do {len(changed) - 1} more of its runs" if len(changed) > 1 else ""
+        raise UserError(
+            f"{path}: {output_dir} was made with other settings than this sweep's ({describe_changes(stored, record)})"
+            f"{others}: give the sweep another output_dir, or delete those runs to run them again."
+        )
+    if unrecorded:
+        logger.warning(
+            "%d runs of %s were made before sweeps recorded their settings in %s, so this sweep cannot tell whether "
+            "they were made with its settings; they are reused as they are (delete them to run them again): %s",
+            len(unrecorded), path, SETTINGS_FILE, ", ".join(unrecorded),
+        )  # fmt: skip
+
+
+def describe_changes(stored: dict[str, str], record: dict[str, str]) -> str:
+    """`learning_rate 0.003, was 0.001; objective split, absent before` for the settings that differ."""
+    changes = []
+    for name in sorted(stored.keys() | record.keys()):
+        if stored.get(name) != record.get(name):
+            now = f"{name} {record[name]}" if name in record else f"no {name}"
+            changes.append(f"{now}, was {stored[name]}" if name in stored else f"{now}, absent before")
+    return "; ".join(changes)
+
+
+def read_record(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as file:
+            record = json.load(file)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read ({error}): delete the run's folder to run it again.") from error
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds no settings: delete the run's folder to run it again.")
+    return record
+
+
+def _has_run(output_dir: str) -> bool:
+    """Whether a run has finished or saved a checkpoint in `output_dir` (a rerun of its script would reuse it)."""
+    if not os.path.isdir(output_dir):
+        return False
+    return any(name == "all_results.json" or name.startswith("checkpoint-") for name in os.listdir(output_dir))
+
+
+def claim_run(output_dir: str, record: dict[str, str]):
+    """Record the settings of the run about to start in `output_dir`, before it starts, so that a rerun of the sweep
+    with others finds them even if this one is stopped part-way. A run made before sweeps recorded settings keeps
+    none (`check_reused_runs` has warned of it)."""
+    if read_record(output_dir) is not None or _has_run(output_dir):
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, SETTINGS_FILE), "w") as file:
+        json.dump(record, file, indent=2)
 
 
 def run_directory(sweep: Sweep, method: str, fraction: float, seed: int) -> str:
@@ -251,6 +379,7 @@ def main(args: list[str] | None = None) -> list[dict]:
         raise UserError("usage: python run_sweep.py SWEEP.json")
     sweep = Sweep.from_json(args[0])
     check_flags(sweep, args[0])
+    check_reused_runs(sweep, args[0])
     pretrained = pretrain(sweep)
     accuracies = {fraction: {method: [] for method in METHODS} for fraction in sweep.label_fractions}
     # Seed by seed, both methods in turn: a sweep stopped part-way (a lease, a time limit) leaves pairs to compare.

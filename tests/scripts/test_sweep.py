@@ -1,10 +1,12 @@
 """run_sweep.py refuses a bad sweep file in one line before its first run."""
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,8 @@ BAD_SWEEPS = [
     ('{"output_dir": "OUT", "label_fractions": ["0.05"]}', r"label_fractions \['0\.05'\] must be a list of numbers"),
     ('{"output_dir": "OUT", "label_fractions": 0.05}', r"label_fractions 0\.05 must be a list of numbers"),
     ('{"output_dir": "OUT", "seeds": [0, 1.5]}', r"seeds \[0, 1\.5\] must be a list of integers"),
+    ('{"output_dir": "OUT", "seeds": [0, 1, 0]}', r"seeds \[0, 1, 0\] repeat 0: one run each"),
+    ('{"output_dir": "OUT", "label_fractions": [0.05, 0.050]}', r"label_fractions \[0\.05, 0\.05\] repeat 0\.05"),
     ('{"output_dir": "OUT", "label_fraction": [0.1]}', r"unknown sweep settings \['label_fraction'\]"),
     ('{"label_fractions": [0.1]}', r"no output_dir"),
     ('[{"output_dir": "OUT"}]', r"holds a JSON list, not an object of sweep settings"),
@@ -172,3 +176,71 @@ def test_the_summary_gives_the_sample_std_and_no_spread_for_one_seed(tmp_path):
     assert "of one seed" in table
     run_sweep.plot(one, str(tmp_path / "one.png"))
     assert (tmp_path / "one.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def fake_runs(monkeypatch) -> list[str]:
+    """Stand-ins for the training scripts that write a run's results at once; the folders they ran in, in order."""
+    folders = []
+
+    def run(flags):
+        output_dir = flags[flags.index("--output_dir") + 1]
+        folders.append(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        (Path(output_dir) / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+
+    monkeypatch.setattr(run_sweep.pretraining, "main", run)
+    monkeypatch.setattr(run_sweep.classification, "main", run)
+    return folders
+
+
+def test_a_rerun_reuses_only_runs_made_with_the_same_settings(tmp_path, monkeypatch):
+    folders = fake_runs(monkeypatch)
+    sweep = {
+        "output_dir": str(tmp_path / "out"), "label_fractions": [0.5], "seeds": [0, 1],
+        "pretraining": {"max_steps": 10}, "finetuning": {"learning_rate": 0.001}, "data": {"report_to": "none"},
+    }  # fmt: skip
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep))
+    run_sweep.main([str(path)])
+    assert len(folders) == 5  # pretraining, then 2 seeds x 2 methods
+    table = (tmp_path / "out" / "results.md").read_text()
+
+    # The same settings (but for a flag that changes only what is shown), and a seed more: only the new runs run.
+    path.write_text(json.dumps({**sweep, "seeds": [0, 1, 2], "data": {"report_to": "tensorboard"}}))
+    run_sweep.main([str(path)])
+    assert [os.path.basename(folder) for folder in folders[5:]] == ["scratch-0.5-seed2", "selfie-0.5-seed2"]
+
+    # Another learning rate: refused before any run, naming the change; the results stay as they were.
+    (tmp_path / "out" / "results.md").write_text(table)
+    path.write_text(json.dumps({**sweep, "finetuning": {"learning_rate": 0.003}}))
+    fine_tuning_run = tmp_path / "out" / "finetuning" / "scratch-0.5-seed0"
+    message = f"{path}: {fine_tuning_run} was made with other settings than this sweep's (learning_rate 0.003, was "
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}0.001\\); so do 3 more of its runs"):
+        run_sweep.main([str(path)])
+    assert len(folders) == 7 and (tmp_path / "out" / "results.md").read_text() == table
+
+    # Other pretraining: the pretraining run and every fine-tuning run that starts from it.
+    path.write_text(
+        json.dumps({**sweep, "pretraining": {"max_steps": 20, "config_overrides": "masking_strategy=split"}})
+    )
+    message = (
+        f"{tmp_path / 'out' / 'pretraining'} was made with other settings than this sweep's (config_overrides "
+        "masking_strategy=split, absent before; max_steps 20, was 10); so do 4 more of its runs"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_sweep.main([str(path)])
+    assert len(folders) == 7
+
+
+def test_runs_made_before_sweeps_recorded_settings_are_reused_and_named(tmp_path, monkeypatch, caplog):
+    folders = fake_runs(monkeypatch)
+    sweep = {"output_dir": str(tmp_path / "out"), "label_fractions": [0.5], "seeds": [0], "pretrained_model": "PRE"}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    old_run = tmp_path / "out" / "finetuning" / "selfie-0.5-seed0"
+    old_run.mkdir(parents=True)
+    (old_run / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75}))
+    rows = run_sweep.main([str(tmp_path / "sweep.json")])
+    assert [os.path.basename(folder) for folder in folders] == ["scratch-0.5-seed0"]
+    assert rows[0]["selfie"]["runs"] == [75.0]
+    assert f"1 runs of {tmp_path / 'sweep.json'} were made before sweeps recorded their settings" in caplog.text
+    assert str(old_run) in caplog.text and not (old_run / run_sweep.SETTINGS_FILE).exists()
