@@ -45,7 +45,10 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "SelfieConfig fields to override, e.g. 'num_masked_patches=6,num_hidden_layers=2'."},
+        metadata={
+            "help": "SelfieConfig fields to override, any of them, e.g. 'num_masked_patches=6,score_temperature=1.0,"
+            "image_size=[32,48]': each value read as JSON (numbers, true/false, null, lists, objects) or a string."
+        },
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
@@ -152,6 +155,7 @@ def run(main):
     traceback is logged at debug level (`--log_level debug`)."""
     try:
         main()
+        wait_for_other_processes()
     except (UserError, TrainingStopped) as error:
         logger.debug("Traceback of the error below:", exc_info=True)
         print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -160,13 +164,25 @@ def run(main):
         end_process_group()
 
 
+def wait_for_other_processes():
+    """In a multi-process run (`accelerate launch`), return once every process has finished its work. The main
+    process works on after the others (it writes the model card and the results, and alone computes the k-NN
+    monitor's figures); a process that tore its process group down and exited meanwhile could abort in gloo's
+    teardown ("terminate called without an active exception", SIGABRT): a finished run that exits non-zero."""
+    if _in_process_group():
+        torch.distributed.barrier()
+
+
 def end_process_group():
-    """Destroy the process group of a multi-process run (`accelerate launch`) while the interpreter is whole. Left to
-    interpreter exit, gloo's worker threads can still hold finished work whose tensors reference Python objects;
-    freeing those during finalisation takes the GIL of a dying interpreter and aborts the process ("terminate called
-    without an active exception", SIGABRT): a finished run that exits non-zero."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Destroy the process group of a multi-process run while the interpreter is whole: left to interpreter exit,
+    gloo's worker threads can still hold finished work whose tensors reference Python objects, and freeing them
+    during finalisation aborts the process as above."""
+    if _in_process_group():
         torch.distributed.destroy_process_group()
+
+
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def build_model(model_class, model_args: ModelArguments, config: SelfieConfig):
@@ -215,13 +231,9 @@ def build_config(model_args: ModelArguments, preset_name: str, **fields) -> Self
     if model_args.backbone_kwargs is not None:
         values["backbone_kwargs"] = _json_object("--backbone_kwargs", model_args.backbone_kwargs)
     if model_args.config_overrides is not None:
-        try:
-            config.update_from_string(model_args.config_overrides)
-        except ValueError as error:  # an unknown field, a value of the wrong type
-            raise UserError(f"--config_overrides {model_args.config_overrides!r}: {first_line(error)}") from error
-        overridden = _override_names(model_args.config_overrides)
-        values.update({name: getattr(config, name) for name in overridden})
-        if "masking_strategy" in overridden and "num_masked_patches" not in overridden:
+        overrides = parse_config_overrides(model_args.config_overrides, values)
+        values.update(overrides)
+        if "masking_strategy" in overrides and "num_masked_patches" not in overrides:
             values["num_masked_patches"] = None  # the new strategy's own default (half the grid for "split")
     try:
         config = SelfieConfig.from_dict(values)
@@ -268,8 +280,51 @@ def training_stages(model_args: ModelArguments, stage: dict | None) -> list[dict
     return [*starting, *([stage] if stage else [])]
 
 
-def _override_names(overrides: str) -> list[str]:
-    return [item.split("=", 1)[0].strip() for item in overrides.split(",") if item.strip()]
+# The words for true and false that transformers' `PreTrainedConfig.update_from_string` reads for a bool field.
+BOOLEAN_WORDS = {"true": True, "1": True, "y": True, "yes": True, "false": False, "0": False, "n": False, "no": False}
+
+
+def parse_config_overrides(overrides: str, fields: dict) -> dict:
+    """--config_overrides 'name=value,...' as `{name: value}`, for the config whose fields are `fields`. Every field
+    can be set, whatever its type or default (`update_from_string` sets only those whose value is a bool, number or
+    string): a value is read as JSON (numbers, true/false, null, lists such as image_size=[32,48], objects), else
+    taken as the string it is; `none` is None too, and a bool field takes transformers' yes/no words."""
+    parsed = {}
+    for item in _top_level_items(overrides):
+        name, equals, text = (part.strip() for part in item.partition("="))
+        if not equals or not name:
+            raise UserError(f"--config_overrides {overrides!r}: {item!r} is not of the form name=value.")
+        if name not in fields:
+            raise UserError(
+                f"--config_overrides {overrides!r}: {name!r} is not a field of SelfieConfig: its own are "
+                f"{', '.join(SelfieConfig.__annotations__)}, beside transformers' (output_hidden_states, ...)."
+            )
+        parsed[name] = _override_value(text, fields[name])
+    return parsed
+
+
+def _top_level_items(overrides: str) -> list[str]:
+    """The comma-separated items of `overrides`, keeping the commas inside brackets and braces (a list's, a JSON
+    object's) within their item."""
+    items, start, depth = [], 0, 0
+    for index, character in enumerate(overrides):
+        depth += (character in "[{") - (character in "]}")
+        if character == "," and depth == 0:
+            items.append(overrides[start:index])
+            start = index + 1
+    items.append(overrides[start:])
+    return [item for item in items if item.strip()]
+
+
+def _override_value(text: str, current):
+    if isinstance(current, bool) and text.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[text.lower()]
+    if text.lower() == "none":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def load_image_processor(model_args: ModelArguments, preset_name: str, config: SelfieConfig):
