@@ -4,9 +4,10 @@
     python -m benchmarks.stress_multiprocess --runs 30 --output_file docs/results/stress-multiprocess.json
 
 Each round is one `accelerate launch` of run_pretraining.py on two CPU processes joined by gloo (tiny model, the
-embedded digits, 2 steps), then one of run_image_classification.py from its checkpoint. A run that finishes its
-work but dies at interpreter exit (the failure this script was written to catch) counts as a failure, as a job
-scheduler would count it. Not part of the test suite: 30 rounds take about 15 minutes on 2 cores.
+embedded digits, 2 steps, evaluated after every step with the k-NN monitor, which the main process computes alone),
+then one of run_image_classification.py from its checkpoint, also evaluated after every step. A run that finishes
+its work but dies at interpreter exit (the failure this script was written to catch) counts as a failure, as a job
+scheduler would count it. Not part of the test suite: 30 rounds take about 20 minutes on 2 cores.
 """
 
 import argparse
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from selfie_training.environment import package_versions
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -29,14 +32,17 @@ TINY = [
     "--config_overrides", "hidden_size=32,num_attention_heads=4,num_hidden_layers=1",
     "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True", "--do_train", "--do_eval",
     "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-    "--max_train_samples", "64", "--max_eval_samples", "32",
+    "--max_train_samples", "64", "--max_eval_samples", "32", "--eval_strategy", "steps", "--eval_steps", "1",
 ]  # fmt: skip
 
 
 def commands(output_dir: str) -> dict[str, list[str]]:
     pretraining = os.path.join(output_dir, "pretraining")
     return {
-        "pretraining": [*LAUNCH, str(REPOSITORY / "run_pretraining.py"), *TINY, "--output_dir", pretraining],
+        "pretraining": [
+            *LAUNCH, str(REPOSITORY / "run_pretraining.py"), *TINY, "--knn_monitor_samples", "16",
+            "--output_dir", pretraining,
+        ],
         "fine-tuning": [
             *LAUNCH, str(REPOSITORY / "run_image_classification.py"), *TINY,
             "--model_name_or_path", pretraining, "--output_dir", os.path.join(output_dir, "fine-tuning"),
@@ -70,7 +76,8 @@ def main():
     for index in range(args.runs):
         results += run_round(index)
         if args.output_file:  # after every round, so that an interrupted stress test keeps what it measured
-            Path(args.output_file).write_text(json.dumps({"runs": args.runs, "launches": results}, indent=2) + "\n")
+            record = {"command": " ".join(sys.argv), "environment": package_versions(), "runs": args.runs}
+            Path(args.output_file).write_text(json.dumps({**record, "launches": results}, indent=2) + "\n")
     for name in ("pretraining", "fine-tuning"):
         failed = sum(1 for result in results if result["run"] == name and result["exit_status"] != 0)
         print(f"{name}: {failed} of {args.runs} two-process launches exited non-zero")

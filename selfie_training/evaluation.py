@@ -228,9 +228,10 @@ class KNNMonitor(TrainerCallback):
     console and the reporting integrations (tensorboard files it under `train/`, as it does every key not
     starting with `eval_`), so one sees whether the representation improves while the pretraining loss falls.
 
-    The work is done on the main process alone, with the unwrapped model (no collective operation): the other
-    processes go on and wait for it at their next synchronisation (the next step's gradient all-reduce), so the
-    figure is logged once. It needs the whole model on the main process: not with FSDP or DeepSpeed ZeRO-3.
+    The work is done on the main process alone, with the unwrapped model, so that the figure is logged once; the
+    other processes wait for it at the end of the evaluation, so that none runs ahead of the main process into the
+    next step, or out of the run and its process group, while it still works. It needs the whole model on the main
+    process: not with FSDP or DeepSpeed ZeRO-3.
     """
 
     def __init__(self, trainer, memory_bank, validation, num_classes: int, k: int = 200, temperature: float = 0.07):
@@ -239,8 +240,11 @@ class KNNMonitor(TrainerCallback):
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        if state.is_world_process_zero:
+            self._log_knn_accuracy(args, model)
+        self.trainer.accelerator.wait_for_everyone()
+
+    def _log_knn_accuracy(self, args, model):
         extract = dict(batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)
         train = extract_features(model, self.memory_bank, **extract)
         test = extract_features(model, self.validation, **extract)

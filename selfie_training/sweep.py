@@ -13,6 +13,7 @@ import numpy as np
 from modeling_selfie.configuration_selfie import is_number
 
 from . import classification, pretraining
+from .environment import package_versions
 from .errors import UserError
 from .model_card import set_section
 from .runner import parse_arguments
@@ -390,7 +391,8 @@ def main(args: list[str] | None = None) -> list[dict]:
     rows = summarise(accuracies)
     table = markdown_table(rows)
     with open(os.path.join(sweep.output_dir, "results.json"), "w") as file:
-        json.dump({"pretrained_model": pretrained, "seeds": sweep.seeds, "results": rows}, file, indent=2)
+        results = {"command": f"python run_sweep.py {args[0]}", "environment": package_versions()}
+        json.dump({**results, "pretrained_model": pretrained, "seeds": sweep.seeds, "results": rows}, file, indent=2)
     with open(os.path.join(sweep.output_dir, "results.md"), "w") as file:
         file.write(table + "\n")
     plot(rows, os.path.join(sweep.output_dir, "results.png"))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -231,8 +232,9 @@ def test_batchnorm_recalibration_needs_batchnorm(tmp_path):
 def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
     model = SelfieForMaskedPatchPrediction(tiny_config()).train()
     dataset = labelled_images(image_dataset(), preset_image_processor("imagenet32"), "image", "label")
-    logged = []
-    monitor = KNNMonitor(SimpleNamespace(log=logged.append), dataset, dataset, num_classes=3, k=1)
+    logged, waits = [], []
+    accelerator = SimpleNamespace(wait_for_everyone=lambda: waits.append(len(logged)))
+    monitor = KNNMonitor(SimpleNamespace(log=logged.append, accelerator=accelerator), dataset, dataset, 3, k=1)
     args = TrainingArguments(output_dir="unused", per_device_eval_batch_size=4, report_to="none")
 
     monitor.on_evaluate(args, TrainerState(is_world_process_zero=False), TrainerControl(), model=model)
@@ -240,6 +242,8 @@ def test_knn_monitor_logs_on_the_main_process_only_and_restores_the_mode():
     monitor.on_evaluate(args, TrainerState(), TrainerControl(), model=model)
     assert logged == [{"knn_top1": 1.0}]  # every image is its own nearest neighbour
     assert model.training
+    # Every process waits at the end of the evaluation, the main one after logging: none runs ahead of it.
+    assert waits == [0, 1]
 
 
 def test_knn_monitor_during_pretraining(tmp_path, parquet_folder):
@@ -404,6 +408,24 @@ def test_evaluation_with_recalibrated_batchnorm_says_so_and_leaves_the_checkpoin
     assert "its BatchNorm statistics re-estimated on those images" in (pretrained / "README.md").read_text()
 
 
+def test_an_evaluation_into_a_models_folder_is_refused_and_its_results_kept(pretrained):
+    results = {name: (pretrained / name).read_bytes() for name in ("eval_results.json", "all_results.json")}
+    message = (
+        f"--output_dir {pretrained} holds a model (its config.json): this evaluation's eval_results.json, "
+        "all_results.json and labelled_subset.json would replace its training's."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        evaluate(pretrained, "--model_name_or_path", str(pretrained))
+    assert {name: (pretrained / name).read_bytes() for name in results} == results
+
+
+def test_an_evaluation_of_every_image_drops_an_earlier_ones_labelled_subset(tmp_path, pretrained):
+    evaluate(tmp_path, "--model_name_or_path", str(pretrained), "--protocols", "knn", "--labels_per_class", "5")
+    assert (tmp_path / "labelled_subset.json").exists()
+    results = evaluate(tmp_path, "--model_name_or_path", str(pretrained), "--protocols", "knn")
+    assert results["train_samples"] == 200 and not (tmp_path / "labelled_subset.json").exists()
+
+
 def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
@@ -420,6 +442,17 @@ def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
         (["--model_name_or_path", str(bert)], r"holds a 'bert' model, not a Selfie one"),
         ([], r"^Give --model_name_or_path \(a Selfie checkpoint to evaluate\) or --config_name"),
         (["--config_name", str(pretrained), "--knn_k", "0"], r"^--knn_k 0 must be at least 1\.$"),
+        (
+            [
+                "--config_name",
+                str(pretrained),
+                "--config_overrides",
+                "backbone_norm=groupnorm",
+                "--recalibrate_batchnorm",
+            ],
+            r"^--recalibrate_batchnorm re-estimates the patch network's BatchNorm statistics, but its backbone_norm is "
+            r"'groupnorm', which keeps no statistics of the data: drop the flag\.$",
+        ),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
