@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments, set_seed
+from transformers.utils import CONFIG_NAME
 
 from .checkpoints import saved_model_class
 from .data import (
@@ -79,10 +80,16 @@ def main(args: list[str] | None = None) -> dict:
     model_args, subset_args, eval_args, data_args, training_args = parse_arguments(
         (ModelArguments, LabelledSubsetArguments, EvaluationArguments, DataArguments, TrainingArguments), args
     )
+    check_not_a_models_folder(training_args.output_dir)
     setup(training_args)
     model, train_images, validation_images, names, indices = load_model_and_images(
         model_args, subset_args, data_args, training_args
     )
+    if eval_args.recalibrate_batchnorm and model.config.backbone_norm != "batchnorm":
+        raise UserError(
+            f"--recalibrate_batchnorm re-estimates the patch network's BatchNorm statistics, but its backbone_norm is "
+            f"{model.config.backbone_norm!r}, which keeps no statistics of the data: drop the flag."
+        )
     start = time.perf_counter()
     loading = {
         "batch_size": training_args.per_device_eval_batch_size,
@@ -112,8 +119,11 @@ def main(args: list[str] | None = None) -> dict:
         )
     if training_args.should_save:
         save_results(results, training_args.output_dir)
+        subset_file = os.path.join(training_args.output_dir, "labelled_subset.json")
         if indices is not None:
             save_labelled_subset(training_args.output_dir, subset_args.label_seed, indices)
+        elif os.path.exists(subset_file):  # an earlier evaluation's subset: these figures are of every image
+            os.remove(subset_file)
         card = os.path.join(model_args.model_name_or_path or "", "README.md")
         if model_args.model_name_or_path is not None and os.path.isfile(card):
             set_section(card, "frozen_features", results_markdown(results, eval_args, subset_args, data_args.source))
@@ -127,6 +137,18 @@ def main(args: list[str] | None = None) -> dict:
             )
             logger.info("Wrote the figures into %s.", card)
     return results
+
+
+def check_not_a_models_folder(output_dir: str):
+    """The evaluation writes eval_results.json and all_results.json (the names the Trainer gives them) and
+    labelled_subset.json: in a trained model's folder, the checkpoint's own say, they would replace those of the
+    training that made it. Refused before any work."""
+    if os.path.isfile(os.path.join(output_dir, CONFIG_NAME)):
+        raise UserError(
+            f"--output_dir {output_dir} holds a model (its config.json): this evaluation's eval_results.json, "
+            "all_results.json and labelled_subset.json would replace its training's. Give a folder of its own; the "
+            "figures also go into the evaluated checkpoint's model card."
+        )
 
 
 def load_model_and_images(model_args, subset_args, data_args, training_args) -> tuple:
