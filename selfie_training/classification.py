@@ -173,8 +173,8 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
     if finetuning_args.classifier_head is not None:
         labels["classifier_head"] = finetuning_args.classifier_head
-    if model_args.model_name_or_path is not None and not model_args.ignore_mismatched_sizes:
-        check_classes_fit(model_args.model_name_or_path, len(names))
+    if model_args.model_name_or_path is not None:
+        check_classes_fit(model_args.model_name_or_path, names, model_args.ignore_mismatched_sizes)
     stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
     config = build_config(model_args, preset, **labels)
     image_processor = load_image_processor(model_args, preset, config)
@@ -231,14 +231,28 @@ def _in_eval_mode(norm: nn.Module, inputs: tuple):
     norm.eval()  # returns None, so the inputs pass unchanged
 
 
-def check_classes_fit(checkpoint: str, num_classes: int):
-    """A classifier checkpoint must have as many classes as the dataset, unless its head is to start afresh."""
+def check_classes_fit(checkpoint: str, names: list[str], ignore_mismatched_sizes: bool):
+    """A classifier checkpoint must classify the dataset's classes, by name and in their order, since its class ids
+    are read as the dataset's. Of another number of classes, its classifier may start afresh
+    (--ignore_mismatched_sizes); of as many, it would keep its weights, each class's read as another's."""
     config = load_selfie_config(checkpoint, "--model_name_or_path")
-    if saved_model_class(config) is SelfieForImageClassification and config.num_labels != num_classes:
+    if saved_model_class(config) is not SelfieForImageClassification:
+        return
+    classes = [config.id2label[index] for index in sorted(config.id2label)]
+    if classes == names or (len(classes) != len(names) and ignore_mismatched_sizes):
+        return
+    if len(classes) != len(names):
         raise UserError(
-            f"--model_name_or_path {checkpoint} classifies {config.num_labels} classes but the dataset has "
-            f"{num_classes}: add --ignore_mismatched_sizes to start the classifier afresh."
+            f"--model_name_or_path {checkpoint} classifies {len(classes)} classes but the dataset has "
+            f"{len(names)}: add --ignore_mismatched_sizes to start the classifier afresh."
         )
+    unknown = [name for name in names if name not in classes]
+    difference = f"{unknown[:5]} are not among its classes" if unknown else "the same classes in another order"
+    raise UserError(
+        f"--model_name_or_path {checkpoint} classifies {classes[:10]} but the dataset's classes are {names[:10]} "
+        f"({difference}): its class ids would be read as other classes. Give a dataset of its classes; to train a "
+        "classifier of these on its ResNet, export that with export_timm.py and start from it with --backbone_weights."
+    )
 
 
 def _size(dataset) -> str:

@@ -1,6 +1,7 @@
 """Bad input, faults and interruptions: clear one-line errors, and no loss of what was already written."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,25 @@ def test_a_classifier_for_other_classes_needs_ignore_mismatched_sizes(tmp_path, 
         fine_tune(tmp_path / "run", *flags)
     metrics = fine_tune(tmp_path / "run", *flags, "--ignore_mismatched_sizes")
     assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_a_classifier_of_other_class_names_is_refused_naming_them(tmp_path, image_folder):
+    """As many classes under other names (a folder renamed): the checkpoint's class ids would be read as others'."""
+    classifier = tmp_path / "classifier"
+    fine_tune(
+        classifier, *TINY_MODEL_FLAGS, "--train_dir", str(image_folder), "--max_steps", "1", "--do_eval", "False"
+    )
+    (image_folder / "class_0").rename(image_folder / "class_9")
+    flags = ["--model_name_or_path", str(classifier), "--train_dir", str(image_folder), "--do_train", "False"]
+    message = (
+        f"--model_name_or_path {classifier} classifies ['class_0', 'class_1', 'class_2'] but the dataset's classes "
+        "are ['class_1', 'class_2', 'class_9'] (['class_9'] are not among its classes): its class ids would be read "
+        "as other classes."
+    )
+    for extra in ([], ["--ignore_mismatched_sizes"]):  # which starts afresh only tensors of another shape
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            fine_tune(tmp_path / "evaluation", *flags, *extra)
+    assert not (tmp_path / "evaluation" / "all_results.json").exists()
 
 
 def test_validation_labels_outside_the_classes_are_refused(tmp_path, image_folder):
