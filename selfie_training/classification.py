@@ -27,6 +27,7 @@ from .runner import (
     ModelArguments,
     build_config,
     build_model,
+    check_preset_applies,
     check_there_is_work,
     load_image_processor,
     parse_arguments,
@@ -154,6 +155,12 @@ def main(args: list[str] | None = None) -> dict:
                 f"--{flag} needs pretrained weights (--model_name_or_path or --backbone_weights); "
                 "without them every weight is fresh and trains at --learning_rate."
             )
+    mixing = [f"--{flag}" for flag in ("mixup_alpha", "cutmix_alpha") if getattr(finetuning_args, flag)]
+    if mixing and training_args.per_device_train_batch_size == 1:
+        raise UserError(
+            f"{' and '.join(mixing)} mix each training image with another of its batch, and a batch of one image "
+            "(--per_device_train_batch_size 1) has no other: nothing would be mixed. Give batches of 2 or more images."
+        )
     with output_dir_lock(training_args):
         return fine_tune(model_args, finetuning_args, data_args, training_args)
 
@@ -178,6 +185,12 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
     stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
     config = build_config(model_args, preset, **labels)
     image_processor = load_image_processor(model_args, preset, config)
+    check_preset_applies(data_args.preset, model_args, config, image_processor)
+    if finetuning_args.freeze_pretrained_batchnorm and config.backbone_norm != "batchnorm":
+        raise UserError(
+            f"--freeze_pretrained_batchnorm holds the patch network's BatchNorm statistics, but its backbone_norm is "
+            f"{config.backbone_norm!r}, which keeps no statistics of the data: drop the flag."
+        )
     model = build_model(SelfieForImageClassification, model_args, config)
     if finetuning_args.freeze_pretrained_batchnorm:
         freeze_batchnorm_statistics(model.selfie.patch_network)

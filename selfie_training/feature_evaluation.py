@@ -32,6 +32,7 @@ from .runner import (
     ModelArguments,
     build_config,
     build_model,
+    check_preset_applies,
     load_image_processor,
     parse_arguments,
     save_json,
@@ -167,6 +168,7 @@ def load_model_and_images(model_args, subset_args, data_args, training_args) -> 
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)
     image_processor = load_image_processor(model_args, preset, config)
+    check_preset_applies(data_args.preset, model_args, config, image_processor)
     model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
     train_images, validation_images = (
         labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)

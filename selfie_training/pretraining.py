@@ -28,6 +28,7 @@ from .runner import (
     ModelArguments,
     build_config,
     build_model,
+    check_preset_applies,
     check_there_is_work,
     load_image_processor,
     parse_arguments,
@@ -110,6 +111,7 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             f"{config.backbone_norm!r}, which keeps no statistics of the data."
         )
     image_processor = load_image_processor(model_args, preset, config)
+    check_preset_applies(data_args.preset, model_args, config, image_processor)
     model = build_model(SelfieForMaskedPatchPrediction, model_args, config)
     if pretraining_args.train_norm_only:
         if model_args.model_name_or_path is None:

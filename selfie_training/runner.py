@@ -109,6 +109,12 @@ def check_there_is_work(training_args: TrainingArguments):
     would load the data and the model, do nothing with them, and write a model card over the one in --output_dir."""
     if not (training_args.do_train or training_args.do_eval):
         raise UserError("Neither --do_train nor --do_eval is given, so the run would do nothing: give either or both.")
+    if training_args.do_train and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        # Trainer would run no step, then save the starting weights and a card as if they were trained.
+        raise UserError(
+            f"--num_train_epochs {training_args.num_train_epochs:g} trains no step: give epochs or --max_steps, or "
+            "drop --do_train to evaluate the model as it is."
+        )
 
 
 def setup(training_args: TrainingArguments):
@@ -347,6 +353,33 @@ def load_image_processor(model_args: ModelArguments, preset_name: str, config: S
             "image_size with --config_overrides, or chosen another --preset?): give the two the same size."
         )
     return processor
+
+
+def check_preset_applies(preset: str | None, model_args: ModelArguments, config: SelfieConfig, image_processor):
+    """--preset sets a fresh model's architecture and image processor; a checkpoint or config (--model_name_or_path,
+    --config_name) brings its own, and a --preset that differs from them would do nothing: refused."""
+    source = model_args.config_name or model_args.model_name_or_path
+    if preset is None or source is None:
+        return
+    used = _described_settings(config, image_processor)
+    asked = _described_settings(SelfieConfig.from_preset(preset), preset_image_processor(preset))
+    differences = [f"{name} {used[name]}, the preset's {asked[name]}" for name in used if used[name] != asked[name]]
+    if differences:
+        raise UserError(
+            f"--preset {preset} does nothing here: {source} brings its own architecture and image processor "
+            f"({'; '.join(differences)}). Drop --preset; --config_overrides changes the architecture."
+        )
+
+
+def _described_settings(config: SelfieConfig, image_processor) -> dict[str, str]:
+    """What a preset sets, in words."""
+    return {
+        "image size": "x".join(map(str, config.image_height_width)),
+        "patch size": str(config.patch_size),
+        "stem": config.stem,
+        "resized shortest edge": str(image_processor.size["shortest_edge"]),
+        "normalisation": f"mean {list(image_processor.image_mean)}, std {list(image_processor.image_std)}",
+    }
 
 
 def _image_processor_file(source: str) -> str | None:

@@ -72,6 +72,8 @@ class SelfieTrainer(TrainerHooks):
         self.unreadable_images = 0
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        if self.freeze_pretrained_steps:
+            self._check_steps_after_freezing()
         if isinstance(resume_from_checkpoint, str):
             self._check_same_model(resume_from_checkpoint)
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
@@ -82,6 +84,16 @@ class SelfieTrainer(TrainerHooks):
             if os.path.isfile(self._data_rng_file(resume_from_checkpoint)):
                 self.data_stream.state = torch.load(self._data_rng_file(resume_from_checkpoint), weights_only=True)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_steps_after_freezing(self):
+        """Pretrained weights held still for the whole run would not be fine-tuned at all, while the card says they
+        were: refused before the first step."""
+        max_steps = self._max_steps()
+        if self.freeze_pretrained_steps >= max_steps:
+            raise UserError(
+                f"--freeze_pretrained_steps {self.freeze_pretrained_steps} holds the pretrained weights still for "
+                f"all the run's {max_steps} steps: none of them would be fine-tuned. Give fewer steps."
+            )
 
     def _check_same_model(self, checkpoint: str):
         """A checkpoint of another model class or architecture (another task's, another run's in the same
