@@ -3,12 +3,21 @@ card."""
 
 import pytest
 import torch
+from matplotlib.colors import to_hex
 from PIL import Image
 
 from modeling_selfie import SelfieForMaskedPatchPrediction, preset_image_processor
 from selfie_training import pretext_visualization
 from selfie_training.errors import UserError
-from selfie_training.visualization import FIGURE_IMAGES, FIGURE_NAME, do_pretext_task, draw_pretext_tasks, to_image
+from selfie_training.visualization import (
+    FIGURE_IMAGES,
+    FIGURE_NAME,
+    RIGHT,
+    WRONG,
+    do_pretext_task,
+    draw_pretext_tasks,
+    to_image,
+)
 from tests.utils import QUIET_FLAGS, fixed_mask, images, perturbed, tiny_config
 
 
@@ -38,12 +47,22 @@ def test_the_picks_drawn_are_the_models_argmax_and_their_probabilities_its_softm
             assert torch.equal(fill_in.picks, picks)
             torch.testing.assert_close(fill_in.probabilities, scores[index].softmax(dim=-1))
             assert torch.equal(fill_in.positions, (hidden, visible)[direction][index])
-            assert fill_in.right.tolist() == (picks == torch.arange(len(picks))).tolist()
-            # Each position filled in shows the pixels of the patch at the position of the candidate picked.
-            drawn = picks_axes[index * len(logits) + direction].images[0].get_array()
+            # Each position filled in shows the pixels of the patch at the position of the candidate picked, outlined
+            # in the colour of a right or a wrong pick, with its probability.
+            axis = picks_axes[index * len(logits) + direction]
+            drawn = axis.images[0].get_array()
             for position, pick in zip(fill_in.positions.tolist(), picks.tolist(), strict=True):
                 source = fill_in.positions[pick].item()
                 assert (drawn[patch(position, config)] == image[patch(source, config)]).all()
+            right = (picks == torch.arange(len(picks))).tolist()
+            assert [to_hex(rectangle.get_edgecolor()) for rectangle in axis.patches] == [
+                RIGHT if hit else WRONG for hit in right
+            ]
+            probabilities = scores[index].softmax(dim=-1).max(dim=-1).values.tolist()
+            assert [text.get_text() for text in axis.texts] == [
+                f"{'✓' if hit else '✗'}{probability:.2f}"
+                for hit, probability in zip(right, probabilities, strict=True)
+            ]
     assert any(not fill_in.right.all() for task in tasks for fill_in in task.fill_ins)  # some wrong picks to draw
 
 
