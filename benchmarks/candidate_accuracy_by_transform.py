@@ -59,7 +59,15 @@ def load_checkpoint(
     if num_masked_patches is not None:
         task = {"masking_strategy": "random", "num_masked_patches": num_masked_patches, "image_contrastive_weight": 0}
     config = build_config(model_args, "cifar10", **task)  # validated as the training scripts do: one-line UserErrors
-    model = SelfieForMaskedPatchPrediction.from_pretrained(checkpoint, config=config)
+    model, loading = SelfieForMaskedPatchPrediction.from_pretrained(
+        checkpoint, config=config, output_loading_info=True
+    )
+    missing = sorted(loading["missing_keys"])
+    if missing:  # the weights it lacks would be random, and so would the figures
+        raise UserError(
+            f"{checkpoint} is not a pretraining checkpoint: it has no weights for {len(missing)} of the pretraining "
+            f"model's tensors ({missing[0]!r}, ...), which would be random."
+        )
     processor = load_image_processor(model_args, "cifar10", model.config)
     splits = load_splits(DataArguments(dataset_name=dataset_name, max_eval_samples=max_eval_samples))
     return model, processor, splits

@@ -396,6 +396,26 @@ class SelfieModel(SelfiePreTrainedModel):
         self.attention_pooling = SelfieAttentionPooling(config) if add_attention_pooling else None
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As [`~transformers.PreTrainedModel.from_pretrained`], but refusing a checkpoint that does not hold every
+        weight of the model, such as a classifier with the `"resnet"` head (P and stage 4, no attention pooling
+        network): the model is a feature extractor (`AutoModel`, the `image-feature-extraction` pipeline), and its
+        missing weights would be drawn at random, other features at every load."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no weights for {len(missing)} of SelfieModel's tensors "
+                f"({missing[0]!r}, ...), which would be random: a classifier with the 'resnet' head holds no "
+                "attention pooling network. Load its patch network's feature maps with SelfieBackbone "
+                "(AutoBackbone), or the classifier with AutoModelForImageClassification."
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """P on whole images of any size: the `(batch, channels, height', width')` stage-3 feature map."""
         return self.patch_network.forward_features(pixel_values)

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import (
     AutoBackbone,
     AutoImageProcessor,
-    AutoModel,
+    AutoModelForPreTraining,
     UperNetConfig,
     UperNetForSemanticSegmentation,
     pipeline,
@@ -209,8 +209,8 @@ def test_auto_backbone_builds_it_and_the_saved_folder_carries_its_code(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoBackbone"] == "backbone_selfie.SelfieBackbone"
     assert auto_map["AutoModel"] == "modeling_selfie.SelfieModel"
-    # Its checkpoint is also a pretrained P for the other models.
-    model, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    # Its checkpoint is also a pretrained P for the models that train what it lacks.
+    model, info = AutoModelForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
     assert not any("patch_network" in key for key in info["missing_keys"])
 
 

@@ -174,6 +174,26 @@ def test_trust_remote_code_in_a_fresh_process_offline(tmp_path):
     assert any(line.endswith(" SelfieForImageClassification") for line in lines)
 
 
+def test_a_classifier_without_attention_pooling_is_refused_as_a_feature_extractor(tmp_path):
+    """A classifier with the "resnet" head holds P and stage 4: SelfieModel's A would be random, other features at
+    every load. With the "attention_pooling" head it holds A, and loads whole."""
+    SelfieForImageClassification(tiny_config()).save_pretrained(tmp_path / "resnet")
+    preset_image_processor("cifar10").save_pretrained(tmp_path / "resnet")
+    message = rf"^{tmp_path / 'resnet'} has no weights for \d+ of SelfieModel's tensors \('attention_pooling\."
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(tmp_path / "resnet")
+    with pytest.raises(ValueError, match=r"a classifier with the 'resnet' head holds no attention pooling network"):
+        pipeline("image-feature-extraction", model=str(tmp_path / "resnet"))
+
+    classifier = SelfieForImageClassification(tiny_config(classifier_head="attention_pooling"))
+    classifier.save_pretrained(tmp_path / "attention_pooling")
+    loads = [AutoModel.from_pretrained(tmp_path / "attention_pooling").eval() for _ in range(2)]
+    pixel_values = images(classifier.config)
+    with torch.no_grad():
+        first, second = (model(pixel_values).pooler_output for model in loads)
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
 def test_image_classification_pipeline(tmp_path, mode):
     id2label = {0: "airplane", 1: "bird", 2: "cat"}

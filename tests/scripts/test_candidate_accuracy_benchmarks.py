@@ -6,7 +6,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from benchmarks import candidate_accuracy_by_transform, summary_contribution
-from tests.utils import pretrain
+from modeling_selfie import SelfieForImageClassification
+from tests.utils import pretrain, tiny_config
 
 
 FLAGS = ["--max_eval_samples", "16"]
@@ -85,3 +86,11 @@ def test_a_number_of_hidden_patches_the_grid_cannot_hold_is_refused_in_one_line(
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "num_masked_patches" in message and "16" in message
+
+
+def test_a_checkpoint_without_the_pretraining_networks_is_refused(tmp_path, parquet_folder):
+    """A classifier with the "resnet" head holds no attention pooling network, whose weights would be random."""
+    SelfieForImageClassification(tiny_config()).save_pretrained(tmp_path)
+    message = rf"^{tmp_path} is not a pretraining checkpoint: it has no weights for \d+ of the pretraining model's"
+    with pytest.raises(ValueError, match=message):
+        candidate_accuracy_by_transform.load_checkpoint(str(tmp_path), str(parquet_folder))
