@@ -22,6 +22,7 @@ from transformers import BitImageProcessor
 from modeling_selfie import PRESETS, random_patch_mask
 
 from .errors import UserError, first_line
+from .hub import unreachable_reason
 
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,11 @@ def _load(flag: str, path: str, args: DataArguments, **kwargs):
         return load_dataset(source, cache_dir=args.cache_dir, streaming=args.streaming, **kwargs)
     except (FileNotFoundError, ValueError) as error:  # no such dataset or files; no data in them
         raise UserError(f"{flag} {path}: {first_line(error)}") from error
+    except ConnectionError as error:  # a Hub dataset, offline (`hub.check_hub`) and not in the local cache
+        raise UserError(
+            f"{flag} {path} is not in the local cache, and the Hub cannot be reached "
+            f"({unreachable_reason() or first_line(error)})."
+        ) from error
 
 
 def _hold_out(train, args: DataArguments):

@@ -4,14 +4,13 @@ import os
 import re
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from transformers.modelcard import extract_hyperparameters_from_trainer, make_markdown_table, parse_log_history
 
 from modeling_selfie.configuration_selfie import is_number
 
 from .checkpoints import TRAINING_STAGES_FILE
 from .data import DIGITS
+from .hub import is_hub_id
 from .timm_weights import TIMM_WEIGHTS
 
 
@@ -193,20 +192,6 @@ def write_model_card(
         citation=CITATION,
     )
     card.save(os.path.join(output_dir, "README.md"))
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` can be a repository on the Hub: an `owner/name` or bare `name` id (huggingface_hub's
-    `validate_repo_id`) that is not a file or folder here. The scripts take a local path wherever they take a Hub id,
-    and the card is written where the run read its data and weights, so an existing path was read from disk; a path
-    that is no id (absolute, `./x`, `a/b/c`) never names a repository."""
-    if not name or os.path.exists(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def hub_dataset_id(dataset: str | None) -> str | None:

@@ -19,7 +19,9 @@ from modeling_selfie.configuration_selfie import is_number, is_positive_int
 from modeling_selfie.modeling_selfie import create_resnet
 
 from .checkpoints import load_checkpoint, load_selfie_config, load_training_stages
+from .data import DataArguments
 from .errors import TrainingStopped, UserError, first_line
+from .hub import check_hub
 from .timm_weights import TIMM_WEIGHTS, load_timm_weights
 from .trainer import StopOnSignal, stop_when_disk_full
 
@@ -89,18 +91,54 @@ def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tu
         raise
     except ValueError as error:  # transformers' checks of its own flags (`TrainingArguments`), unknown JSON keys
         raise UserError(first_line(error)) from error
-    for arguments in parsed:
-        if isinstance(arguments, TrainingArguments):
-            check_data_loading(arguments)
+    training_args = next((arguments for arguments in parsed if isinstance(arguments, TrainingArguments)), None)
+    if training_args is not None:
+        data_args = next((arguments for arguments in parsed if isinstance(arguments, DataArguments)), None)
+        check_training_arguments(training_args, data_args)
+    check_hub(parsed)
     return parsed
 
 
-def check_data_loading(training_args: TrainingArguments):
-    """What TrainingArguments lets through and the DataLoader refuses at the first step, refused at the start."""
+# The TrainingArguments fields that transformers takes unchecked and torch refuses only at the first step (after the
+# data and the model are loaded), or takes silently: the range of each, [low, high) (high None: no upper bound).
+TRAINING_ARGUMENT_RANGES = {
+    "per_device_train_batch_size": (1, None),
+    "per_device_eval_batch_size": (1, None),
+    "gradient_accumulation_steps": (1, None),
+    "eval_accumulation_steps": (1, None),
+    "dataloader_num_workers": (0, None),
+    "dataloader_prefetch_factor": (1, None),
+    "learning_rate": (0, None),
+    "weight_decay": (0, None),
+    "adam_beta1": (0, 1),
+    "adam_beta2": (0, 1),
+    "adam_epsilon": (0, None),
+    "label_smoothing_factor": (0, 1),
+    "seed": (0, 2**32),  # numpy's seeds
+    "data_seed": (0, 2**32),
+}
+
+
+def check_training_arguments(training_args: TrainingArguments, data_args: DataArguments | None = None):
+    """What TrainingArguments lets through and torch or the Trainer refuses at the first step, refused at the
+    start: values out of range, and flags that do not go together."""
+    for name, (low, high) in TRAINING_ARGUMENT_RANGES.items():
+        value = getattr(training_args, name)
+        if value is None:  # off, or the library's default
+            continue
+        if high is None and not value >= low:  # NaN fails every comparison
+            raise UserError(f"--{name} {value} must be at least {low}.")
+        if high is not None and not low <= value < high:
+            raise UserError(f"--{name} {value} must be in [{low}, {high}).")
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers == 0:
         raise UserError(
             "--dataloader_persistent_workers keeps the DataLoader's workers between epochs, and "
             "--dataloader_num_workers 0 starts none: give workers, or drop --dataloader_persistent_workers."
+        )
+    if data_args is not None and data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise UserError(
+            "--streaming reads a dataset of unknown length, in which the Trainer cannot count epochs: give "
+            "--max_steps, the number of steps to train."
         )
 
 
@@ -139,6 +177,14 @@ def setup(training_args: TrainingArguments):
     training_args.remove_unused_columns = False
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False  # every Selfie model uses all of its parameters
+    # As the transformers examples log it, on every process, with the world size: an `accelerate launch` that
+    # started fewer processes than meant shows it here.
+    logger.warning(
+        f"Process rank: {training_args.process_index}, world size: {training_args.world_size}, device: "
+        f"{training_args.device}, n_gpu: {training_args.n_gpu}, distributed training: "
+        f"{training_args.parallel_mode.value == 'distributed'}, 16-bits training: "
+        f"{training_args.fp16 or training_args.bf16}"
+    )
     logger.info("Training arguments: %s", training_args)
 
 

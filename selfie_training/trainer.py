@@ -22,6 +22,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from .checkpoints import load_selfie_config, save_training_stages, saved_model_class
 from .data import RandomStream
 from .errors import TrainingStopped, UserError
+from .hub import push_errors_in_one_line
 from .model_card import set_section, write_model_card
 from .trainer_hooks import TrainerHooks
 from .visualization import PretextFigure
@@ -70,6 +71,14 @@ class SelfieTrainer(TrainerHooks):
         self.max_unreadable_fraction = max_unreadable_fraction
         self.images_read = 0
         self.unreadable_images = 0
+
+    def init_hf_repo(self, *args, **kwargs):
+        with push_errors_in_one_line(self.args):
+            super().init_hf_repo(*args, **kwargs)
+
+    def push_to_hub(self, *args, **kwargs):
+        with push_errors_in_one_line(self.args):
+            return super().push_to_hub(*args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if self.freeze_pretrained_steps:

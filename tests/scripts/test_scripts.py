@@ -363,5 +363,7 @@ def test_two_processes_with_accelerate_launch(tmp_path, parquet_folder):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stdout + result.stderr
+    for rank in (0, 1):  # every process says which it is, and of how many
+        assert f"Process rank: {rank}, world size: 2, device: cpu" in result.stdout + result.stderr
     assert read_json(tmp_path / "ddp" / "trainer_state.json")["global_step"] == 2
     assert (tmp_path / "ddp" / "model.safetensors").is_file()

@@ -2,12 +2,19 @@
 flag, field, file or Hub id at fault, before any work starts, or said as it is."""
 
 import json
+import logging
 
+import datasets
+import httpx2
+import huggingface_hub
 import pytest
+from transformers import TrainingArguments
 
 from modeling_selfie import SelfieConfig
+from selfie_training import hub, runner
+from selfie_training.errors import UserError
 from selfie_training.runner import ModelArguments, build_config
-from tests.utils import tiny_config
+from tests.utils import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain, tiny_config
 
 
 def test_every_config_field_is_settable_with_config_overrides():
@@ -45,3 +52,116 @@ def test_every_config_field_is_settable_with_config_overrides():
 def test_bad_config_overrides_are_refused_in_one_line(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_config(ModelArguments(config_overrides=overrides), "cifar10")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per_device_train_batch_size", "0"], r"^--per_device_train_batch_size 0 must be at least 1\.$"),
+        (["--per_device_eval_batch_size", "-1"], r"^--per_device_eval_batch_size -1 must be at least 1\.$"),
+        (["--gradient_accumulation_steps", "0"], r"^--gradient_accumulation_steps 0 must be at least 1\.$"),
+        (["--eval_accumulation_steps", "0"], r"^--eval_accumulation_steps 0 must be at least 1\.$"),
+        (["--dataloader_num_workers", "-1"], r"^--dataloader_num_workers -1 must be at least 0\.$"),
+        (
+            ["--dataloader_num_workers", "2", "--dataloader_prefetch_factor", "0"],
+            r"^--dataloader_prefetch_factor 0 must be at least 1\.$",
+        ),
+        (["--learning_rate", "nan"], r"^--learning_rate nan must be at least 0\.$"),
+        (["--weight_decay", "-0.1"], r"^--weight_decay -0\.1 must be at least 0\.$"),
+        (["--adam_beta1", "1.5"], r"^--adam_beta1 1\.5 must be in \[0, 1\)\.$"),
+        (["--adam_epsilon", "-1"], r"^--adam_epsilon -1\.0 must be at least 0\.$"),
+        (["--label_smoothing_factor", "1"], r"^--label_smoothing_factor 1\.0 must be in \[0, 1\)\.$"),
+        (["--seed", "-1"], r"^--seed -1 must be in \[0, 4294967296\)\.$"),
+        (["--data_seed", "-1"], r"^--data_seed -1 must be in \[0, 4294967296\)\.$"),
+        (
+            ["--streaming", "--max_steps", "-1"],
+            r"^--streaming reads a dataset of unknown length, in which the Trainer cannot count epochs: give "
+            r"--max_steps, the number of steps to train\.$",
+        ),
+    ],
+)
+def test_bad_training_flags_are_refused_before_anything_runs(tmp_path, flags, message):
+    """Each of these passed TrainingArguments and ended in a traceback from torch or the Trainer once the data and
+    the model were loaded (or, for --weight_decay, trained on with a negative decay)."""
+    with pytest.raises(UserError, match=message):
+        pretrain(tmp_path / "run", "--max_steps", "1", *flags)
+    assert not (tmp_path / "run").exists()
+
+
+# The Hub, offline or unreachable. No test reaches the network: offline mode, or a refused connection, is simulated.
+
+
+@pytest.fixture
+def hub_state(monkeypatch):
+    """Whatever a test does to the process's offline mode is undone after it."""
+    monkeypatch.setattr(hub, "_offline_reason", None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    return monkeypatch
+
+
+def refuse_connections(*args, **kwargs):
+    raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+
+def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, hub_state, capsys):
+    hub_state.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    flags = ["--push_to_hub", "--hub_model_id", "someone/selfie", "--hub_token", "hf_test", "--max_steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run(lambda: pretrain(tmp_path / "run", *flags))
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "error: --push_to_hub someone/selfie: the Hub cannot be reached (offline mode is on: HF_HUB_OFFLINE). Drop "
+            f"--push_to_hub, and upload {tmp_path / 'run'} once it can be (`hf upload REPOSITORY FOLDER`)."
+        )
+    )
+    assert not (tmp_path / "run").exists()  # nothing written, no lock file
+
+    hub_state.setattr(hub, "get_token", lambda: None)
+    with pytest.raises(UserError, match=r"^--push_to_hub run needs a Hub token with write access: log in with"):
+        pretrain(tmp_path / "run", "--push_to_hub", "--max_steps", "1")
+
+
+def test_a_push_that_the_hub_refuses_is_one_line_and_leaves_the_output_dir_unlocked(tmp_path, hub_state):
+    hub_state.setattr(hub, "unreachable_reason", lambda: None)  # reachable when the run starts
+    hub_state.setattr(huggingface_hub.HfApi, "create_repo", refuse_connections)
+    flags = ["--push_to_hub", "--hub_model_id", "someone/selfie", "--hub_token", "hf_test", "--max_steps", "1"]
+    with pytest.raises(
+        UserError,
+        match=r"^--push_to_hub someone/selfie: the Hub refused or could not be reached \(\[Errno -2\] Name or "
+        r"service not known\)\. .*run keeps what the run wrote",
+    ):
+        fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, *flags)
+    assert last_checkpoint(tmp_path / "run") is None  # the lock can be taken again: it was released
+
+
+def test_a_hub_dataset_that_cannot_be_reached_fails_at_once_in_one_line(tmp_path, hub_state):
+    requests = []
+
+    def unreachable(*args, **kwargs):
+        requests.append(args)
+        refuse_connections()
+
+    hub_state.setattr(httpx2.Client, "send", unreachable)
+    with pytest.raises(
+        UserError,
+        match=r"^--dataset_name someone/images is not in the local cache, and the Hub cannot be reached "
+        r"\(\[Errno -2\] Name or service not known\)\.$",
+    ):
+        pretrain(tmp_path / "run", "--dataset_name", "someone/images", "--cache_dir", str(tmp_path / "cache"))
+    # One request found the Hub unreachable; everything after it read the local cache, as offline mode does,
+    # instead of retrying each request with growing waits (about half a minute) before the same end.
+    assert len(requests) == 1
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+
+
+def test_every_process_logs_its_rank_and_the_world_size(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="selfie_training.runner"):
+        runner.setup(TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    assert (
+        "Process rank: 0, world size: 1, device: cpu, n_gpu: 0, distributed training: False, 16-bits training: False"
+        in caplog.messages
+    )
