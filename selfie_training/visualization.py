@@ -249,7 +249,18 @@ def _draw_candidates(axis, image: np.ndarray, fill_in: FillIn, config):
 
 
 def _outline(axis, corner: tuple[float, float], size: int, colour: str, linestyle: str = "-"):
-    rectangle = Rectangle(corner, size, size, fill=False, edgecolor=colour, linewidth=1.5, linestyle=linestyle)
+    """Outline the patch of `size` pixels at `corner`, inside its edges: neighbours outlined too stay apart."""
+    inset = 0.1 * size
+    left, top = corner
+    rectangle = Rectangle(
+        (left + inset, top + inset),
+        size - 2 * inset,
+        size - 2 * inset,
+        fill=False,
+        edgecolor=colour,
+        linewidth=1.5,
+        linestyle=linestyle,
+    )
     rectangle.set_path_effects(OUTLINE)
     axis.add_patch(rectangle)
 
