@@ -1,6 +1,9 @@
 """Selfie model configuration, and the architecture of the paper's three settings."""
 
+import dataclasses
+import difflib
 import inspect
+import logging
 import math
 
 from timm.models import is_model_in_modules
@@ -8,6 +11,8 @@ from timm.models.resnet import ResNet
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
+
+logger = logging.getLogger(__name__)
 
 STEMS = ("imagenet", "cifar")
 BACKBONE_NORMS = ("batchnorm", "layernorm", "groupnorm")
@@ -117,6 +122,11 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         out_indices (`list[int]`, *optional*):
             The same choice as `out_features`, as indices into `stage_names`; give either.
 
+    A config.json (or keyword arguments) may hold fields that this version does not know, a misspelling or a newer
+    version's: they are kept, as transformers keeps them, so that they survive a load and a save, and named in a
+    warning, with the field each may be a misspelling of. The training scripts refuse them: a run would ignore them
+    and copy them into its own checkpoint.
+
     Example:
 
     ```python
@@ -174,6 +184,14 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
         kwargs.pop("training_stages", None)
         out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
         super().__post_init__(**kwargs)
+        unknown = unknown_fields(self)
+        if unknown:
+            # Kept, as transformers keeps them: a newer version's fields survive a load and a save in this one.
+            logger.warning(
+                "SelfieConfig: %s, which this version of modeling_selfie keeps but does not read (a misspelling, or "
+                "a field of a newer version).",
+                describe_unknown_fields(unknown),
+            )
         self._check_fields()
         if self.num_masked_patches is None:
             self.num_masked_patches = self._default_num_masked_patches()
@@ -308,6 +326,24 @@ class SelfieConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"must be an int from 2 to {self.num_patches - 1} (the {self.grid_size[0]}x{self.grid_size[1]} grid "
                 "less at least one visible patch)",
             )
+
+
+def unknown_fields(config: SelfieConfig) -> list[str]:
+    """The fields of `config` that this version of `SelfieConfig` does not know: the keys of its config.json (or
+    keyword arguments) that transformers keeps as attributes, having no use of its own for them (it drops those it
+    knows, such as generation settings). Misspelt fields, which nothing reads, or those of a newer version."""
+    known = {field.name for field in dataclasses.fields(config)} | {"model_type", "auto_map", "stage_names"}
+    return sorted(name for name in vars(config) if not name.startswith("_") and name not in known)
+
+
+def describe_unknown_fields(names: list[str]) -> str:
+    """`unknown fields 'masking_stratgy' (masking_strategy?)`: each with the field it may be a misspelling of."""
+    fields = [field.name for field in dataclasses.fields(SelfieConfig)]
+    described = []
+    for name in names:
+        match = difflib.get_close_matches(name, fields, n=1)
+        described.append(f"{name!r} ({match[0]}?)" if match else repr(name))
+    return f"unknown field{'s' if len(names) > 1 else ''} {', '.join(described)}"
 
 
 def _fail(field: str, value, requirement: str):

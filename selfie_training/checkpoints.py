@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from modeling_selfie import AUTO_CLASSES, SelfieConfig, SelfieModel
+from modeling_selfie.configuration_selfie import describe_unknown_fields, unknown_fields
 
 from .errors import UserError, first_line
 
@@ -135,11 +136,18 @@ def load_selfie_config(source: str, flag: str) -> SelfieConfig:
     if values.get("model_type") != SelfieConfig.model_type:
         raise UserError(f"{flag} {source} holds a {values.get('model_type')!r} model, not a Selfie one.")
     try:
-        return SelfieConfig.from_dict(values)
+        config = SelfieConfig.from_dict(values)
     except (TypeError, ValueError, AttributeError) as error:  # Selfie's fields raise ValueError, transformers' any
         raise UserError(
             f"{flag} {source}: its config.json is not a valid Selfie config: {first_line(error)}"
         ) from error
+    unknown = unknown_fields(config)
+    if unknown:  # a run would ignore them, then copy them into its own checkpoint
+        raise UserError(
+            f"{flag} {source}: its config.json has {describe_unknown_fields(unknown)}, which this version of Selfie "
+            "does not read: correct or remove them (a newer version's fields need that version)."
+        )
+    return config
 
 
 def load_training_stages(source: str) -> list[dict]:

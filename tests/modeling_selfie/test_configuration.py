@@ -101,3 +101,30 @@ def test_corrupt_saved_config_is_rejected_on_load(tmp_path):
     path.write_text(path.read_text().replace('"patch_size": 8', '"patch_size": 7'))
     with pytest.raises(ValueError, match=r"SelfieConfig\.patch_size=7 must divide image_size 32"):
         SelfieConfig.from_pretrained(tmp_path)
+
+
+def test_unknown_fields_are_kept_and_named_in_a_warning(tmp_path, caplog):
+    """A misspelt field does nothing: named, with the field it may mean. A newer version's field survives a load and
+    a save; what earlier versions wrote (`training_stages`) and a plain save load without a word."""
+    tiny_config().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        SelfieConfig.from_pretrained(tmp_path)
+    assert not caplog.records
+
+    path = tmp_path / "config.json"
+    fields = json.loads(path.read_text())
+    path.write_text(json.dumps({**fields, "training_stages": [{"task": "pretraining"}]}))
+    with caplog.at_level("WARNING"):
+        SelfieConfig.from_pretrained(tmp_path)
+    assert not caplog.records
+
+    path.write_text(json.dumps({**fields, "masking_stratgy": "split", "jitter": 2}))
+    with caplog.at_level("WARNING"):
+        config = SelfieConfig.from_pretrained(tmp_path)
+    assert caplog.messages == [
+        "SelfieConfig: unknown fields 'jitter', 'masking_stratgy' (masking_strategy?), which this version of "
+        "modeling_selfie keeps but does not read (a misspelling, or a field of a newer version)."
+    ]
+    assert config.masking_strategy == "random" and config.jitter == 2
+    config.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["jitter"] == 2

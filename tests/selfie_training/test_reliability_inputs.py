@@ -3,6 +3,7 @@ claim, exports that would overwrite, flags that change a checkpoint's shapes; ea
 the flag, file or tensor at fault, before anything is written."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from modeling_selfie import (
 )
 from selfie_training import export as export_timm
 from selfie_training import feature_evaluation as run_evaluation
-from selfie_training.checkpoints import load_checkpoint
+from selfie_training.checkpoints import load_checkpoint, load_selfie_config
 from selfie_training.runner import ModelArguments, load_image_processor
 from selfie_training.timm_weights import load_timm_weights, save_timm_weights, timm_state_dict
 from tests.utils import QUIET_FLAGS, fine_tune, pretrain, tiny_config
@@ -276,6 +277,24 @@ def test_a_config_json_that_is_not_a_selfie_config_is_refused_naming_it(tmp_path
         (checkpoint / "config.json").write_text(text)
         with pytest.raises(ValueError, match=rf"^--model_name_or_path {checkpoint}: {message}"):
             export(checkpoint, tmp_path / "resnet.safetensors")
+
+
+def test_a_config_json_with_an_unknown_field_is_refused_naming_the_field_it_may_mean(tmp_path, pretrained):
+    """A misspelt field would be ignored (the run trains with the default) and copied into the new checkpoint."""
+    checkpoint = copy_checkpoint(pretrained, tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "masking_stratgy": "split"}))
+    message = (
+        f"--model_name_or_path {checkpoint}: its config.json has unknown field 'masking_stratgy' (masking_strategy?), "
+        "which this version of Selfie does not read: correct or remove them"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        pretrain(tmp_path / "run", "--model_name_or_path", str(checkpoint), "--max_steps", "1")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+    # What earlier versions wrote into config.json (where the weights came from) is no unknown field.
+    (checkpoint / "config.json").write_text(json.dumps({**config, "training_stages": [{"task": "pretraining"}]}))
+    assert load_selfie_config(str(checkpoint), "--model_name_or_path").masking_strategy == "random"
 
 
 def processor_file(pretrained: Path, **changes) -> str:
