@@ -123,10 +123,11 @@ def output_dir_lock(training_args: TrainingArguments):
         file.close()  # which releases the lock
 
 
-def load_selfie_config(source: str, flag: str) -> SelfieConfig:
-    """The Selfie config of a checkpoint or config file, or a one-line error naming `flag` and `source`."""
+def load_selfie_config(source: str, flag: str, **hub_kwargs) -> SelfieConfig:
+    """The Selfie config of a checkpoint or config file (of the Hub revision and with the token of `hub_kwargs`), or
+    a one-line error naming `flag` and `source`."""
     try:
-        values, _ = PreTrainedConfig.get_config_dict(source)
+        values, _ = PreTrainedConfig.get_config_dict(source, **hub_kwargs)
     except OSError as error:
         raise UserError(f"{flag} {source}: no readable config.json ({first_line(error)})") from error
     if not isinstance(values, dict):
@@ -150,17 +151,17 @@ def load_selfie_config(source: str, flag: str) -> SelfieConfig:
     return config
 
 
-def load_training_stages(source: str) -> list[dict]:
+def load_training_stages(source: str, **hub_kwargs) -> list[dict]:
     """Where the weights of checkpoint `source` came from, oldest stage first: its `training_stages.json`, or, for a
     checkpoint written before that file, the `training_stages` field of its config.json. Each stage is a dict with a
     `"task"` (`"timm_weights"`, `"pretraining"` or `"classification"`) and fields of its own; stages of other tasks
     or with other fields, written by a later version, are kept as they are. No stages: fresh weights."""
     try:
-        path = cached_file(source, TRAINING_STAGES_FILE, _raise_exceptions_for_missing_entries=False)
+        path = cached_file(source, TRAINING_STAGES_FILE, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
     except OSError:  # a Hub checkpoint that is not in the cache, offline
         path = None
     if path is None:
-        stages, path = PreTrainedConfig.get_config_dict(source)[0].get("training_stages", []), source
+        stages, path = PreTrainedConfig.get_config_dict(source, **hub_kwargs)[0].get("training_stages", []), source
     else:
         try:
             with open(path) as file:

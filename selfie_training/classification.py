@@ -170,7 +170,7 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
     checkpoint = find_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    splits = load_splits(data_args)
+    splits = load_splits(data_args, token=model_args.token)
     train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
     train, indices = finetuning_args.select(train, label_column)
     if indices is not None and training_args.do_train and training_args.should_save:  # the images that train it
@@ -181,7 +181,9 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
     if finetuning_args.classifier_head is not None:
         labels["classifier_head"] = finetuning_args.classifier_head
     if model_args.model_name_or_path is not None:
-        check_classes_fit(model_args.model_name_or_path, names, model_args.ignore_mismatched_sizes)
+        check_classes_fit(
+            model_args.model_name_or_path, names, model_args.ignore_mismatched_sizes, **model_args.hub_kwargs
+        )
     stage = {"task": "classification", "dataset": data_args.source} if training_args.do_train else None
     config = build_config(model_args, preset, **labels)
     image_processor = load_image_processor(model_args, preset, config)
@@ -244,11 +246,11 @@ def _in_eval_mode(norm: nn.Module, inputs: tuple):
     norm.eval()  # returns None, so the inputs pass unchanged
 
 
-def check_classes_fit(checkpoint: str, names: list[str], ignore_mismatched_sizes: bool):
+def check_classes_fit(checkpoint: str, names: list[str], ignore_mismatched_sizes: bool, **hub_kwargs):
     """A classifier checkpoint must classify the dataset's classes, by name and in their order, since its class ids
     are read as the dataset's. Of another number of classes, its classifier may start afresh
     (--ignore_mismatched_sizes); of as many, it would keep its weights, each class's read as another's."""
-    config = load_selfie_config(checkpoint, "--model_name_or_path")
+    config = load_selfie_config(checkpoint, "--model_name_or_path", **hub_kwargs)
     if saved_model_class(config) is not SelfieForImageClassification:
         return
     classes = [config.id2label[index] for index in sorted(config.id2label)]

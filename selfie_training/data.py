@@ -119,10 +119,11 @@ class DataArguments:
         return self.dataset_name or self.train_dir or DIGITS
 
 
-def load_splits(args: DataArguments) -> dict:
-    """The `train` and `validation` splits the arguments name; validation carved from train if absent."""
+def load_splits(args: DataArguments, token: str | None = None) -> dict:
+    """The `train` and `validation` splits the arguments name (a Hub dataset read with `token`, where given);
+    validation carved from train if absent."""
     if args.dataset_name is not None:
-        splits = dict(_load("--dataset_name", args.dataset_name, args, name=args.dataset_config_name))
+        splits = dict(_load("--dataset_name", args.dataset_name, args, name=args.dataset_config_name, token=token))
     elif args.train_dir is not None:
         splits = {"train": _load("--train_dir", args.train_dir, args, split="train")}
         if args.validation_dir is not None:

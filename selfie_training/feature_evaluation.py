@@ -162,7 +162,7 @@ def load_model_and_images(model_args, subset_args, data_args, training_args) -> 
             "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
             "fresh weights: the random-init baseline), one of the two."
         )
-    splits = load_splits(data_args)
+    splits = load_splits(data_args, token=model_args.token)
     train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
     train, indices = subset_args.select(train, label_column)
     preset = choose_preset(data_args, splits["train"], image_column)

@@ -92,7 +92,7 @@ def build_trainer(args: list[str] | None = None) -> tuple:
     training_args.label_names = ["bool_masked_pos"]
     set_seed(training_args.seed)
 
-    splits = load_splits(data_args)
+    splits = load_splits(data_args, token=model_args.token)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
     stage = {"task": "pretraining", "dataset": data_args.source, "norm_only": pretraining_args.train_norm_only}

@@ -21,7 +21,7 @@ from modeling_selfie.modeling_selfie import create_resnet
 from .checkpoints import load_checkpoint, load_selfie_config, load_training_stages
 from .data import DataArguments
 from .errors import TrainingStopped, UserError, first_line
-from .hub import check_hub
+from .hub import check_hub, is_hub_id
 from .timm_weights import TIMM_WEIGHTS, load_timm_weights
 from .trainer import StopOnSignal, stop_when_disk_full
 
@@ -70,12 +70,55 @@ class ModelArguments:
         },
     )
 
+    # As in the transformers examples (run_mae.py, run_image_classification.py).
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image processor (a preprocessor_config.json, or the checkpoint or Hub repository holding "
+            "one) instead of the checkpoint's or the preset's."
+        },
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "The revision of the Hub checkpoint to use: a branch name, a tag name or a commit id."},
+    )
+    token: str | None = field(
+        default=None,
+        metadata={
+            "help": "The token for the Hub's private or gated checkpoints and datasets. Default: the one stored by "
+            "`hf auth login`."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Never needed: the scripts build this repository's Selfie classes and never run code from a "
+            "checkpoint or dataset. Only the Auto classes need it, outside the scripts."
+        },
+    )
+
     def __post_init__(self):
         if self.backbone_weights is not None and self.model_name_or_path is not None:
             raise UserError(
                 f"--backbone_weights {self.backbone_weights} and --model_name_or_path {self.model_name_or_path} both "
                 "give the starting weights: give one."
             )
+        if self.trust_remote_code:
+            raise UserError(
+                "--trust_remote_code: the scripts build this repository's Selfie classes and never run code from a "
+                "checkpoint or dataset, so there is none to trust: drop the flag."
+            )
+        sources = (self.model_name_or_path, self.config_name, self.image_processor_name)
+        if self.model_revision != "main" and not any(map(is_hub_id, sources)):
+            raise UserError(
+                f"--model_revision {self.model_revision} picks a revision of a Hub checkpoint, but no Hub id is given "
+                "(--model_name_or_path, --config_name, --image_processor_name are local or absent): drop it."
+            )
+
+    @property
+    def hub_kwargs(self) -> dict:
+        """What a read from the Hub takes: the revision and the token."""
+        return {"revision": self.model_revision, "token": self.token}
 
 
 def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
@@ -251,6 +294,7 @@ def _create_model(model_class, model_args: ModelArguments, config: SelfieConfig)
             model_args.model_name_or_path,
             config=config,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **model_args.hub_kwargs,
         )
     model = model_class(config)
     if model_args.backbone_weights is not None:
@@ -276,7 +320,9 @@ def build_config(model_args: ModelArguments, preset_name: str, **fields) -> Self
     --backbone, --backbone_kwargs and --config_overrides flags applied, validated as a whole."""
     flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     source = model_args.config_name or model_args.model_name_or_path
-    config = load_selfie_config(source, flag) if source else SelfieConfig.from_preset(preset_name)
+    config = (
+        load_selfie_config(source, flag, **model_args.hub_kwargs) if source else SelfieConfig.from_preset(preset_name)
+    )
     values = {**config.to_dict(), **fields}
     if model_args.backbone is not None:
         values["backbone"] = model_args.backbone
@@ -326,7 +372,7 @@ def training_stages(model_args: ModelArguments, stage: dict | None) -> list[dict
     if model_args.backbone_weights is not None:
         starting = [{"task": "timm_weights", "weights": model_args.backbone_weights}]
     elif model_args.model_name_or_path is not None:
-        starting = load_training_stages(model_args.model_name_or_path)
+        starting = load_training_stages(model_args.model_name_or_path, **model_args.hub_kwargs)
     else:
         starting = []  # fresh weights, even where --config_name copies the architecture of a trained model
     return [*starting, *([stage] if stage else [])]
@@ -380,11 +426,12 @@ def _override_value(text: str, current):
 
 
 def load_image_processor(model_args: ModelArguments, preset_name: str, config: SelfieConfig):
-    """The checkpoint's image processor, where it has one, else the preset's. The weights were trained with its
-    sizes and normalisation, and `pipeline` runs its steps: a file that is not a valid BitImageProcessor is refused,
-    never silently replaced by the preset's; so is one whose crops are not the size of `config`'s images."""
-    source = model_args.config_name or model_args.model_name_or_path
-    path = _image_processor_file(source) if source is not None else None
+    """--image_processor_name's image processor, else the checkpoint's where it has one, else the preset's. The
+    weights were trained with its sizes and normalisation, and `pipeline` runs its steps: a file that is not a valid
+    BitImageProcessor is refused, never silently replaced by the preset's; so is one whose crops are not the size of
+    `config`'s images."""
+    source = model_args.image_processor_name or model_args.config_name or model_args.model_name_or_path
+    path = _image_processor_file(model_args)
     if path is None:
         if source is not None:
             logger.info("%s has no image processor; using the %s preset's.", source, preset_name)
@@ -428,14 +475,27 @@ def _described_settings(config: SelfieConfig, image_processor) -> dict[str, str]
     }
 
 
-def _image_processor_file(source: str) -> str | None:
-    """The checkpoint's preprocessor_config.json, or None where it has none (a --config_name file has none)."""
-    if os.path.isfile(source):
+def _image_processor_file(model_args: ModelArguments) -> str | None:
+    """The preprocessor_config.json to read: --image_processor_name's (the file itself, or the one of its folder or
+    Hub repository; refused where there is none), else the checkpoint's, or None where it has none (a --config_name
+    file has none)."""
+    named = model_args.image_processor_name
+    if named is not None and os.path.isfile(named):
+        return named
+    source = named or model_args.config_name or model_args.model_name_or_path
+    if source is None or os.path.isfile(source):
         return None
     try:
-        return cached_file(source, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False)
-    except OSError:  # a Hub checkpoint that is not in the cache, offline
+        path = cached_file(
+            source, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False, **model_args.hub_kwargs
+        )
+    except OSError as error:  # a Hub checkpoint that is not in the cache, offline
+        if named is not None:
+            raise UserError(f"--image_processor_name {named}: {first_line(error)}") from error
         return None
+    if path is None and named is not None:
+        raise UserError(f"--image_processor_name {named} holds no {IMAGE_PROCESSOR_NAME}.")
+    return path
 
 
 # What the training transforms and `pipeline` read from an image processor file, and what each field must be.
