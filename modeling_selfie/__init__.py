@@ -9,7 +9,7 @@ import transformers
 
 from .backbone_selfie import SelfieBackbone
 from .configuration_selfie import CLASSIFIER_HEADS, PRESETS, STAGE_NAMES, SelfieConfig
-from .image_processing_selfie import preset_image_processor
+from .image_processing_selfie import preset_image_processor, to_rgb
 from .losses import ImageContrastiveLoss, PatchSelectionLoss, candidate_hits
 from .modeling_selfie import (
     AUTO_CLASSES,
@@ -45,4 +45,5 @@ __all__ = [
     "candidate_hits",
     "preset_image_processor",
     "random_patch_mask",
+    "to_rgb",
 ]

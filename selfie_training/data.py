@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from transformers import BitImageProcessor
 
-from modeling_selfie import PRESETS, random_patch_mask
+from modeling_selfie import PRESETS, random_patch_mask, to_rgb
 
 from .errors import UserError, first_line
 from .hub import unreachable_reason
@@ -522,26 +522,19 @@ HIGH_BYTE_RAW_MODES = re.compile(r"(L|LA|RGB|RGBA|RGBa|RGBX|CMYK);16[BLN]?")
 
 def read_image(entry: dict) -> Image.Image:
     """Decode an undecoded `datasets` image (`{"bytes", "path"}`) completely, so that a truncated file fails here,
-    turn it by its EXIF orientation as `datasets` and `transformers` do, and return it as RGB, 8 bits per channel.
+    turn it by its EXIF orientation as `datasets` and `transformers` do, and return it as RGB, 8 bits per channel, by
+    `modeling_selfie.to_rgb`, which users of a trained model read their images with. Multi-frame files (GIF, TIFF,
+    animated PNG) give their first frame, as in `datasets` and `transformers`.
 
-    Pixels that are not 8-bit are scaled by one rule; an image that the rule refuses raises a `ValueError` (counted
-    as unreadable, like a corrupt file):
-    - one-channel integer images (16-bit PNG and TIFF, 32-bit TIFF): by the smallest range of an even number of
-      bits, at least 8, that holds the image's largest value: 0..4095 is read as 12-bit data, so 4095 -> 255, and
-      0..255 as 8-bit data, unchanged. Negative values are refused.
-    - float images: values in [0, 1] are scaled by 255; larger ones are levels, by the rule for integers. Negative,
-      NaN and infinite values are refused.
-    - 16 bits per channel in colour (and grey-alpha) PNG and TIFF: PIL keeps the high byte (the full 16-bit range, as
-      in `datasets`); refused when every value is below 4096, 12-bit data that would come out nearly black.
-    Other modes (1, L, LA, P, RGBA, CMYK, ...) are converted by PIL; alpha is dropped, ICC profiles are not applied,
-    and multi-frame files (GIF, TIFF, animated PNG) give their first frame, as in `datasets` and `transformers`."""
+    An image that cannot be read so raises a `ValueError` (counted as unreadable, like a corrupt file): one that
+    `to_rgb` refuses (negative, NaN or infinite values), and a colour (or grey-alpha) PNG or TIFF of 16 bits per
+    channel whose values are all below 4096, 12-bit data that PIL, which keeps the high byte (the full 16-bit range,
+    as in `datasets`), would read nearly black."""
     image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"])
     high_bytes = _decodes_high_bytes(image)  # before `load`, which drops the tiles
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
-    if image.mode == "F" or image.mode.startswith("I"):
-        image = _eight_bit_image(np.asarray(image, dtype=np.float64), fractions=image.mode == "F")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if high_bytes and max(high for _, high in image.getextrema()) < 16:
         raise ValueError("16-bit channels all below 4096 (12-bit data?), which PIL reads as nearly black")
     return image
@@ -554,21 +547,6 @@ def _decodes_high_bytes(image: Image.Image) -> bool:
         if args and isinstance(args[0], str) and HIGH_BYTE_RAW_MODES.fullmatch(args[0]):
             return True
     return False
-
-
-def _eight_bit_image(pixels: np.ndarray, fractions: bool) -> Image.Image:
-    """One-channel pixels as an 8-bit image, by `read_image`'s rule; `fractions`: values in [0, 1] span 0..255."""
-    if not np.isfinite(pixels).all():
-        raise ValueError("pixel values that are NaN or infinite")
-    if pixels.min() < 0:
-        raise ValueError(f"negative pixel values (down to {pixels.min():g})")
-    largest = pixels.max()
-    if fractions and largest <= 1:
-        top = 1.0
-    else:
-        bits = int(largest).bit_length()
-        top = 2.0 ** max(8, bits + bits % 2) - 1
-    return Image.fromarray(np.uint8(np.clip(np.rint(pixels * (255 / top)), 0, 255)))
 
 
 def image_name(entry: dict) -> str:

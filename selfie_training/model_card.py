@@ -89,7 +89,7 @@ summary = encoder(**inputs).pooler_output  # the summary vector: the attention-p
     "classification": """from transformers import pipeline
 
 classify = pipeline("image-classification", model="{path}", trust_remote_code=True)
-classify("image.png")""",
+classify("image.png")  # 16-bit or float images: classify(modeling_selfie.to_rgb(image)), read as in training""",
 }
 
 # The Hub's results (`model-index` in the card's YAML header): the task of each kind of figure, and a readable name

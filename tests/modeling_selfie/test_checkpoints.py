@@ -1,3 +1,4 @@
+import io
 import json
 import textwrap
 
@@ -22,7 +23,9 @@ from modeling_selfie import (
     SelfieForMaskedPatchPrediction,
     SelfieModel,
     preset_image_processor,
+    to_rgb,
 )
+from selfie_training.data import read_image
 from selfie_training.timm_weights import load_timm_weights
 from tests.utils import fixed_mask, images, run_in_fresh_offline_process, tiny_config
 
@@ -192,6 +195,30 @@ def test_a_classifier_without_attention_pooling_is_refused_as_a_feature_extracto
     with torch.no_grad():
         first, second = (model(pixel_values).pooler_output for model in loads)
     assert torch.equal(first, second)
+
+
+def test_to_rgb_gives_a_pipeline_the_pixels_that_training_read(tmp_path):
+    """A 16-bit grey image: the training scripts scale it to 8 bits (PIL's own conversion, which transformers' image
+    readers use, clips it to white); `to_rgb` is their reading, for a pipeline's input."""
+    image = Image.fromarray(np.linspace(0, 65535, 40 * 48).reshape(40, 48).astype(np.uint16))
+    assert image.mode == "I;16"
+    file = io.BytesIO()
+    image.save(file, "PNG")
+    trained_on = read_image({"bytes": file.getvalue(), "path": None})
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(trained_on))
+    assert 120 < np.asarray(trained_on).mean() < 135  # the ramp's middle grey, not white
+
+    id2label = {0: "dark", 1: "light"}
+    config = tiny_config(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    model = SelfieForImageClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    preset_image_processor("cifar10").save_pretrained(tmp_path)
+    predictions = pipeline("image-classification", model=str(tmp_path))(to_rgb(image))
+    with torch.no_grad():
+        logits = model(**AutoImageProcessor.from_pretrained(tmp_path)(trained_on, return_tensors="pt")).logits
+    assert {p["label"]: p["score"] for p in predictions} == pytest.approx(
+        {id2label[i]: score for i, score in enumerate(logits.softmax(-1)[0].tolist())}, abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
