@@ -1,6 +1,7 @@
 """The body of `run_evaluation.py`: the k-NN and linear-probe accuracy of a Selfie patch network's frozen features
 on a labelled dataset, written to JSON and into the checkpoint's model card."""
 
+import dataclasses
 import logging
 import os
 import time
@@ -75,6 +76,22 @@ class EvaluationArguments(KNNArguments):
             raise UserError(f"--probe_weight_decay {self.probe_weight_decay} must be at least 0.")
         if self.probe_max_iterations < 1:
             raise UserError(f"--probe_max_iterations {self.probe_max_iterations} must be at least 1.")
+        self._check_settings_of_protocols_run()
+
+    def _check_settings_of_protocols_run(self):
+        """A protocol's settings, given where --protocols leaves it out, would do nothing: refused."""
+        settings = {
+            "knn": ("knn_k", "knn_temperature"),
+            "linear_probe": ("probe_weight_decay", "probe_max_iterations"),
+        }
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        for protocol, names in settings.items():
+            given = [f"--{name}" for name in names if getattr(self, name) != defaults[name]]
+            if given and protocol not in self.protocols:
+                raise UserError(
+                    f"{' and '.join(given)} set the {protocol} protocol, which --protocols {' '.join(self.protocols)} "
+                    f"leaves out: add {protocol} to --protocols, or drop {'them' if len(given) > 1 else 'it'}."
+                )
 
 
 def main(args: list[str] | None = None) -> dict:

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from modeling_selfie import PRESETS
+from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.checkpoints import load_selfie_config
 from selfie_training.runner import ModelArguments, check_preset_applies, load_image_processor
 from tests.utils import TINY_MODEL_FLAGS, fine_tune, pretrain
@@ -60,3 +61,20 @@ def test_holding_batchnorm_statistics_without_batchnorm_is_refused(tmp_path, pre
             tmp_path / "run", "--model_name_or_path", str(pretrained), "--config_overrides", "backbone_norm=groupnorm",
             "--freeze_pretrained_batchnorm", "--max_steps", "1",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--protocols", "linear_probe", "--knn_k", "10"], "--knn_k set the knn protocol, which --protocols"),
+        (
+            ["--protocols", "knn", "--probe_weight_decay", "0.1", "--probe_max_iterations", "5"],
+            "--probe_weight_decay and --probe_max_iterations set the linear_probe protocol, which --protocols knn "
+            "leaves out: add linear_probe to --protocols, or drop them.",
+        ),
+    ],
+)
+def test_settings_of_a_protocol_left_out_are_refused(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        run_evaluation.main(["--output_dir", str(tmp_path), "--config_name", "unread", *flags])
+    assert not list(tmp_path.iterdir())
