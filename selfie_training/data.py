@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
 from datasets import Image as ImageFeature
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from transformers import BitImageProcessor
@@ -353,9 +354,46 @@ def labelled_splits(splits: dict, args: DataArguments) -> LabelledSplits:
     """The image and label columns of `load_splits`' splits (as the flags name them, or found), and both splits with
     their labels encoded and checked (`encode_label_splits`)."""
     image_column = find_image_column(splits["train"], args.image_column_name)
+    if args.label_column_name is None and find_label_column(splits["train"], required=False) is None:
+        _check_class_folders(args)
     label_column = find_label_column(splits["train"], args.label_column_name)
     train, validation, names = encode_label_splits(splits["train"], splits["validation"], label_column)
     return LabelledSplits(train, validation, image_column, label_column, names)
+
+
+# Folders directly under an image folder that `datasets` reads as its splits, not as classes.
+SPLIT_FOLDERS = ("train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval")
+
+
+def _check_class_folders(args: DataArguments):
+    """`datasets` labels the images of a local image folder by their subfolders only where there are at least two:
+    a folder of one class, or of images in no class folder, has no label column, and no column to name."""
+    flag, folder = ("--dataset_name", args.dataset_name) if args.dataset_name else ("--train_dir", args.train_dir)
+    if folder is None or not os.path.isdir(folder):
+        return
+    classes = _class_folders(folder)
+    if len(classes) >= 2:
+        return
+    found = f"one class folder ({classes.pop()!r})" if classes else "its images in no class folder"
+    raise UserError(
+        f"{flag} {folder} has {found}, so its images have no labels: a labelled image folder holds a subfolder of "
+        "images for each class, at least 2."
+    )
+
+
+def _class_folders(folder: str) -> set[str]:
+    """The names of the folders that hold `folder`'s images (the first two found), but `folder` itself and the
+    split folders directly under it."""
+    classes = set()
+    for path, _, files in os.walk(folder):
+        relative = os.path.relpath(path, folder)
+        if relative == "." or (os.sep not in relative and relative.lower() in SPLIT_FOLDERS):
+            continue
+        if any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files):
+            classes.add(os.path.basename(path))
+            if len(classes) == 2:
+                break
+    return classes
 
 
 def check_labels(dataset, label_column: str, names: list[str], split: str):

@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from datasets import IterableDataset
 import torch
 from transformers import TrainingArguments, set_seed
 from transformers.utils import CONFIG_NAME
@@ -165,6 +166,7 @@ def check_not_a_models_folder(output_dir: str):
         raise UserError(
             f"--output_dir {output_dir} holds a model (its config.json): this evaluation's eval_results.json, "
             "all_results.json and labelled_subset.json would replace its training's. Give a folder of its own; the "
+    check_training_classes(train, label_column, data_args)
             "figures also go into the evaluated checkpoint's model card."
         )
 
@@ -176,6 +178,20 @@ def load_model_and_images(model_args, subset_args, data_args, training_args) -> 
     set_seed(training_args.seed)  # the random-init baseline's weights
     if (model_args.model_name_or_path is None) == (model_args.config_name is None):
         raise UserError(
+def check_training_classes(train, label_column: str, data_args):
+    """The k-NN and the linear probe compare classes: they need labelled training images of at least 2 of them. (A
+    single training image also gave the probe a NaN standardisation, which ended in an overflow in L-BFGS.)"""
+    if isinstance(train, IterableDataset):  # a stream is not counted
+        return
+    classes = len(set(train[label_column]))
+    if classes < 2:
+        limit = f" (--max_train_samples {data_args.max_train_samples})" if data_args.max_train_samples else ""
+        raise UserError(
+            f"The training images{limit} are of {classes} class: the k-NN and the linear probe need training "
+            "images of at least 2 classes."
+        )
+
+
             "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
             "fresh weights: the random-init baseline), one of the two."
         )

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -431,13 +432,27 @@ def test_bad_input_is_refused_in_one_line(tmp_path, pretrained, image_folder):
     unlabelled.mkdir()
     for index, path in enumerate(sorted(image_folder.rglob("*.png"))):
         path.rename(unlabelled / f"{index}.png")
+    one_class = tmp_path / "one_class" / "cat"  # datasets labels an image folder by two subfolders or more
+    one_class.mkdir(parents=True)
+    for path in sorted(unlabelled.iterdir())[:6]:
+        shutil.copy(path, one_class)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     cases = [
         (
             ["--model_name_or_path", str(pretrained), "--train_dir", str(unlabelled)],
-            r"^No label column found among the dataset's columns \['image'\]",
+            r"^--train_dir .*unlabelled has its images in no class folder, so its images have no labels: a labelled "
+            r"image folder holds a subfolder of images for each class, at least 2\.$",
+        ),
+        (
+            ["--model_name_or_path", str(pretrained), "--dataset_name", str(tmp_path / "one_class")],
+            r"^--dataset_name .*one_class has one class folder \('cat'\), so its images have no labels",
+        ),
+        (
+            ["--model_name_or_path", str(pretrained), "--max_train_samples", "1"],
+            r"^The training images \(--max_train_samples 1\) are of 1 class: the k-NN and the linear probe need "
+            r"training images of at least 2 classes\.$",
         ),
         (["--model_name_or_path", str(bert)], r"holds a 'bert' model, not a Selfie one"),
         ([], r"^Give --model_name_or_path \(a Selfie checkpoint to evaluate\) or --config_name"),

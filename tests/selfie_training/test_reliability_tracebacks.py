@@ -3,6 +3,7 @@ flag, field, file or Hub id at fault, before any work starts, or said as it is."
 
 import json
 import logging
+import shutil
 
 import datasets
 import httpx2
@@ -12,6 +13,7 @@ from transformers import TrainingArguments
 
 from modeling_selfie import SelfieConfig
 from selfie_training import hub, runner
+from selfie_training.data import DataArguments, labelled_splits, load_splits
 from selfie_training.errors import UserError
 from selfie_training.runner import ModelArguments, build_config
 from tests.utils import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain, tiny_config
@@ -165,3 +167,13 @@ def test_every_process_logs_its_rank_and_the_world_size(tmp_path, caplog):
         "Process rank: 0, world size: 1, device: cpu, n_gpu: 0, distributed training: False, 16-bits training: False"
         in caplog.messages
     )
+
+
+def test_an_image_folder_of_one_class_says_so(tmp_path, image_folder):
+    """datasets labels an image folder by its class subfolders only where there are two or more; with its split
+    folders too (train/cat, test/cat) the one class is named."""
+    for split in ("train", "test"):
+        shutil.copytree(image_folder / "class_0", tmp_path / "data" / split / "cat")
+    args = DataArguments(dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"^--dataset_name .*data has one class folder \('cat'\), so its images have"):
+        labelled_splits(load_splits(args), args)
