@@ -31,7 +31,7 @@ from selfie_training.data import (
     with_image_transform,
 )
 from selfie_training.errors import UserError
-from selfie_training.runner import ModelArguments, build_config, load_image_processor
+from selfie_training.runner import ModelArguments, build_config, int_at_least, load_image_processor
 
 
 @torch.no_grad()
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str, bool], float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--dataset_name", required=True)
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
+    parser.add_argument("--samples", type=int_at_least(1), default=2000)
+    parser.add_argument(
+        "--max_eval_samples", type=int_at_least(1), default=2000, help="The validation split's size, as trained."
+    )
     parser.add_argument(
         "--num_masked_patches", type=int, help="Hide this many positions at random (default: the checkpoint's task)."
     )

@@ -34,7 +34,7 @@ from selfie_training.data import (
     with_image_transform,
 )
 from selfie_training.errors import UserError
-from selfie_training.runner import parse_arguments, run
+from selfie_training.runner import int_at_least, parse_arguments, run
 from selfie_training.sweep import METHODS, Sweep, fine_tuning_flags, run_directory
 
 
@@ -175,8 +175,10 @@ def report(rows: list[dict]) -> str:
 def main(args: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="The sweep file the runs were made with (run_sweep.py's).")
-    parser.add_argument("--draws", type=int, default=2000, help="Random draws of held-out images for the spread.")
-    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument(
+        "--draws", type=int_at_least(1), default=2000, help="Random draws of held-out images for the spread."
+    )
+    parser.add_argument("--batch_size", type=int_at_least(1), default=500)
     args = parser.parse_args(args)
     sweep = Sweep.from_json(args.sweep)
     held_out, image_column, label_column, validation_size = held_out_images(sweep)

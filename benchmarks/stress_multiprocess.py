@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from selfie_training.environment import package_versions
+from selfie_training.runner import int_at_least
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -69,7 +70,9 @@ def run_round(index: int) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=30, help="Rounds of (pretraining, fine-tuning) launches.")
+    parser.add_argument(
+        "--runs", type=int_at_least(1), default=30, help="Rounds of (pretraining, fine-tuning) launches."
+    )
     parser.add_argument("--output_file", default=None, help="Write every launch's exit status here as JSON.")
     args = parser.parse_args()
     results = []

@@ -15,6 +15,7 @@ import argparse
 
 from benchmarks.candidate_accuracy_by_transform import candidate_accuracy, load_checkpoint, masked_images
 from selfie_training.data import image_transform
+from selfie_training.runner import int_at_least, run
 
 
 SUMMARIES = {
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--dataset_name", required=True)
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--max_eval_samples", type=int, default=2000, help="The validation split's size, as trained.")
+    parser.add_argument("--samples", type=int_at_least(1), default=2000)
+    parser.add_argument(
+        "--max_eval_samples", type=int_at_least(1), default=2000, help="The validation split's size, as trained."
+    )
     args = parser.parse_args(argv)
     model, processor, splits = load_checkpoint(args.checkpoint, args.dataset_name, args.max_eval_samples)
     images = splits["validation"].select(range(min(args.samples, len(splits["validation"]))))
@@ -50,4 +53,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

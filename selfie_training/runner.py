@@ -1,6 +1,7 @@
 """What the training scripts share: model arguments, argument parsing, logging, error reporting, the config, the
 model, the image processor, and the train-evaluate-save sequence."""
 
+import argparse
 import json
 import logging
 import os
@@ -242,6 +243,22 @@ def check_output_dir(output_dir: str):
             pass
     except OSError as error:
         raise UserError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}.") from error
+
+
+def int_at_least(minimum: int):
+    """An argparse `type` for the benchmarks' flags: an int of at least `minimum`, refused otherwise in argparse's one
+    line (exit status 2) before any work."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
 
 
 def run(main):

@@ -5,7 +5,7 @@ run's own validation candidate accuracy, and their other settings score the same
 import pytest
 from torch.utils.data import DataLoader
 
-from benchmarks import candidate_accuracy_by_transform, summary_contribution
+from benchmarks import candidate_accuracy_by_transform, held_out_accuracy, stress_multiprocess, summary_contribution
 from modeling_selfie import SelfieForImageClassification
 from tests.utils import pretrain, tiny_config
 
@@ -94,3 +94,31 @@ def test_a_checkpoint_without_the_pretraining_networks_is_refused(tmp_path, parq
     message = rf"^{tmp_path} is not a pretraining checkpoint: it has no weights for \d+ of the pretraining model's"
     with pytest.raises(ValueError, match=message):
         candidate_accuracy_by_transform.load_checkpoint(str(tmp_path), str(parquet_folder))
+
+
+@pytest.mark.parametrize(
+    "main, flags, message",
+    [
+        (
+            candidate_accuracy_by_transform.main,
+            ["CHECKPOINT", "--dataset_name", "D", "--samples", "0"],
+            "--samples: 0",
+        ),
+        (
+            summary_contribution.main,
+            ["CHECKPOINT", "--dataset_name", "D", "--max_eval_samples", "-1"],
+            "--max_eval_samples: -1",
+        ),
+        (held_out_accuracy.main, ["SWEEP.json", "--draws", "0"], "--draws: 0"),
+        (held_out_accuracy.main, ["SWEEP.json", "--batch_size", "x"], "--batch_size: 'x' is not a whole number"),
+        (stress_multiprocess.main, ["--runs", "0"], "--runs: 0"),
+    ],
+)
+def test_the_benchmarks_refuse_bad_counts_before_any_work(monkeypatch, capsys, main, flags, message):
+    """--samples 0 ended in a ZeroDivisionError after the model and data were loaded; --draws, --batch_size and
+    --runs were taken unchecked."""
+    monkeypatch.setattr("sys.argv", ["benchmark", *flags])  # stress_multiprocess reads sys.argv itself
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags) if main is not stress_multiprocess.main else main()
+    assert exit_info.value.code == 2
+    assert f"error: argument {message}" in capsys.readouterr().err.splitlines()[-1]
