@@ -106,22 +106,26 @@ def test_corrupt_saved_config_is_rejected_on_load(tmp_path):
 def test_unknown_fields_are_kept_and_named_in_a_warning(tmp_path, caplog):
     """A misspelt field does nothing: named, with the field it may mean. A newer version's field survives a load and
     a save; what earlier versions wrote (`training_stages`) and a plain save load without a word."""
+
+    def load_warnings() -> tuple[SelfieConfig, list[str]]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="modeling_selfie.configuration_selfie"):
+            config = SelfieConfig.from_pretrained(tmp_path)
+        return config, [
+            record.getMessage() for record in caplog.records if record.name == "modeling_selfie.configuration_selfie"
+        ]
+
     tiny_config().save_pretrained(tmp_path)
-    with caplog.at_level("WARNING"):
-        SelfieConfig.from_pretrained(tmp_path)
-    assert not caplog.records
+    assert load_warnings()[1] == []
 
     path = tmp_path / "config.json"
     fields = json.loads(path.read_text())
     path.write_text(json.dumps({**fields, "training_stages": [{"task": "pretraining"}]}))
-    with caplog.at_level("WARNING"):
-        SelfieConfig.from_pretrained(tmp_path)
-    assert not caplog.records
+    assert load_warnings()[1] == []
 
     path.write_text(json.dumps({**fields, "masking_stratgy": "split", "jitter": 2}))
-    with caplog.at_level("WARNING"):
-        config = SelfieConfig.from_pretrained(tmp_path)
-    assert caplog.messages == [
+    config, warnings = load_warnings()
+    assert warnings == [
         "SelfieConfig: unknown fields 'jitter', 'masking_stratgy' (masking_strategy?), which this version of "
         "modeling_selfie keeps but does not read (a misspelling, or a field of a newer version)."
     ]
