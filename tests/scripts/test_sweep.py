@@ -239,7 +239,8 @@ def test_runs_made_before_sweeps_recorded_settings_are_reused_and_named(tmp_path
     old_run = tmp_path / "out" / "finetuning" / "selfie-0.5-seed0"
     old_run.mkdir(parents=True)
     (old_run / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75}))
-    rows = run_sweep.main([str(tmp_path / "sweep.json")])
+    with caplog.at_level("WARNING", logger="selfie_training.sweep"):  # whatever level an earlier run left
+        rows = run_sweep.main([str(tmp_path / "sweep.json")])
     assert [os.path.basename(folder) for folder in folders] == ["scratch-0.5-seed0"]
     assert rows[0]["selfie"]["runs"] == [75.0]
     assert f"1 runs of {tmp_path / 'sweep.json'} were made before sweeps recorded their settings" in caplog.text
