@@ -150,7 +150,8 @@ def write_model_card(
         model_name=model_name if results else None,  # the name of the `model-index`, only written with it
         eval_results=results or None,
         datasets=[hub_dataset_id(dataset)] if trained and hub_dataset_id(dataset) else None,
-        metrics=["accuracy"] if results else None,  # the Hub's metric ids: every accuracy here; "loss" is none
+        # The Hub's metric ids: a classifier's accuracy; the pretraining figures (loss, candidate accuracy) are none.
+        metrics=["accuracy"] if results and task == "classification" else None,
         base_model=base_model,
         library_name="transformers",
         license="apache-2.0",
@@ -249,16 +250,27 @@ def frozen_feature_results(
 def _eval_result(
     task: dict, dataset: str, split: str, metric: str, value: float, metric_args: dict | None = None
 ) -> EvalResult:
+    dataset_type, dataset_name = results_dataset(dataset)
     return EvalResult(
         **task,
-        dataset_type=dataset,
-        dataset_name=dataset,
+        dataset_type=dataset_type,
+        dataset_name=dataset_name,
         dataset_split=split,
         metric_type=metric,
         metric_name=METRIC_NAMES.get(metric, metric),
         metric_value=value,
         metric_args=metric_args or None,
     )
+
+
+def results_dataset(dataset: str) -> tuple[str, str]:
+    """The `dataset.type` and `dataset.name` of the card's results on `dataset`: a Hub id, or the embedded digits, as
+    it is; local data by its folder's (or file's) name, said to be local: its path is of the machine that ran, which
+    a card meant for the Hub should not carry."""
+    if dataset == DIGITS or is_hub_id(dataset):
+        return dataset, dataset
+    name = os.path.basename(os.path.normpath(dataset))
+    return name, f"{name} (local data)"
 
 
 def set_frozen_feature_results(card_path: str, results: list[EvalResult]):

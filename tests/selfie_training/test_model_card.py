@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import TrainingArguments
 
-from modeling_selfie import SelfieConfig, SelfieForImageClassification
+from modeling_selfie import SelfieConfig, SelfieForImageClassification, SelfieForMaskedPatchPrediction
 from selfie_training import classification, pretraining
 from selfie_training import feature_evaluation as run_evaluation
 from selfie_training.data import RandomStream
@@ -81,7 +81,7 @@ def test_pretraining_card_holds_its_results_in_the_model_index(pretrained):
         )
     assert results["candidate_accuracy"].metric_name.startswith("Candidate accuracy")
     assert card.data.model_name == "selfie-digits"
-    assert card.data.metrics == ["accuracy"]
+    assert card.data.metrics is None  # the loss and the candidate accuracy are no metric of the Hub's
     assert card.data.datasets is None  # the embedded digits are no Hub dataset
     assert card.data.base_model is None  # fresh weights
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
@@ -219,6 +219,27 @@ def test_hub_dataset_and_base_model_of_a_run_from_the_hub(tmp_path, do_train):
     else:
         assert card.data.datasets is None and card.data.base_model is None
         assert "started from" not in card.text
+
+
+def test_local_data_is_named_in_the_model_index_by_its_folder_not_its_path(tmp_path):
+    data = tmp_path / "home" / "someone" / "my-images"
+    data.mkdir(parents=True)
+    arguments = TrainingArguments(output_dir=str(tmp_path / "run"), do_train=True, report_to="none")
+    trainer = SelfieTrainer(
+        model=SelfieForMaskedPatchPrediction(tiny_config()),
+        args=arguments,
+        card={},
+        training_stages=[],
+        data_stream=RandomStream(0),
+    )
+    trainer.state.log_history = [{"eval_loss": 2.5, "eval_candidate_accuracy": 0.5, "step": 4}]
+    write_model_card(trainer, task="pretraining", dataset=str(data), dataset_description="Images.", stages=[])
+    card = card_of(tmp_path / "run")
+    assert {(result.dataset_type, result.dataset_name) for result in card.data.eval_results} == {
+        ("my-images", "my-images (local data)")
+    }
+    assert str(tmp_path) not in (tmp_path / "run" / "README.md").read_text().split("---")[1]  # the YAML header
+    assert card.data.datasets is None and card.data.metrics is None
 
 
 @pytest.mark.parametrize(
