@@ -113,6 +113,7 @@ class DataArguments:
         }.items():
             if value is not None and value < 0:
                 raise UserError(f"{flag} {value} must be at least 0.")
+        check_seed("--split_seed", self.split_seed)
 
     @property
     def source(self) -> str:
@@ -396,6 +397,13 @@ def _class_folders(folder: str) -> set[str]:
     return classes
 
 
+def check_seed(flag: str, seed: int):
+    """A seed that numpy takes (`np.random.default_rng`, `Dataset.train_test_split`), refused otherwise before it
+    ends in numpy's traceback once the data is loaded."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"{flag} {seed} must be in [0, {2**32}).")
+
+
 def check_labels(dataset, label_column: str, names: list[str], split: str):
     """Every label of a (not streamed) split must be one of the model's classes."""
     if isinstance(dataset, IterableDataset):
@@ -444,6 +452,7 @@ class LabelledSubsetArguments:
             raise UserError(f"--label_fraction {self.label_fraction} must be in (0, 1].")
         if self.labels_per_class is not None and self.labels_per_class < 1:
             raise UserError(f"--labels_per_class {self.labels_per_class} must be at least 1.")
+        check_seed("--label_seed", self.label_seed)
 
     @property
     def selects_subset(self) -> bool:

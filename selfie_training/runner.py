@@ -143,37 +143,47 @@ def parse_arguments(dataclass_types: tuple, args: list[str] | None = None) -> tu
     return parsed
 
 
+def _at_least(low) -> tuple:
+    return lambda value: value >= low, f"must be at least {low}"  # NaN fails every comparison
+
+
+def _in_range(low, high) -> tuple:
+    return lambda value: low <= value < high, f"must be in [{low}, {high})"
+
+
+SEEDS = _in_range(0, 2**32)  # numpy's
 # The TrainingArguments fields that transformers takes unchecked and torch refuses only at the first step (after the
-# data and the model are loaded), or takes silently: the range of each, [low, high) (high None: no upper bound).
+# data and the model are loaded), or takes silently (a negative --save_steps saves no checkpoint): what each must be.
 TRAINING_ARGUMENT_RANGES = {
-    "per_device_train_batch_size": (1, None),
-    "per_device_eval_batch_size": (1, None),
-    "gradient_accumulation_steps": (1, None),
-    "eval_accumulation_steps": (1, None),
-    "dataloader_num_workers": (0, None),
-    "dataloader_prefetch_factor": (1, None),
-    "learning_rate": (0, None),
-    "weight_decay": (0, None),
-    "adam_beta1": (0, 1),
-    "adam_beta2": (0, 1),
-    "adam_epsilon": (0, None),
-    "label_smoothing_factor": (0, 1),
-    "seed": (0, 2**32),  # numpy's seeds
-    "data_seed": (0, 2**32),
+    "per_device_train_batch_size": _at_least(1),
+    "per_device_eval_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+    "eval_accumulation_steps": _at_least(1),
+    "dataloader_num_workers": _at_least(0),
+    "dataloader_prefetch_factor": _at_least(1),
+    "learning_rate": _at_least(0),
+    "weight_decay": _at_least(0),
+    "adam_beta1": _in_range(0, 1),
+    "adam_beta2": _in_range(0, 1),
+    "adam_epsilon": _at_least(0),
+    "max_grad_norm": _at_least(0),  # 0: no clipping
+    "label_smoothing_factor": _in_range(0, 1),
+    # A step count, or below 1 a share of the training steps.
+    "logging_steps": (lambda value: value > 0, "must be more than 0"),
+    "save_steps": (lambda value: value > 0, "must be more than 0"),
+    "eval_steps": (lambda value: value > 0, "must be more than 0"),
+    "seed": SEEDS,
+    "data_seed": SEEDS,
 }
 
 
 def check_training_arguments(training_args: TrainingArguments, data_args: DataArguments | None = None):
     """What TrainingArguments lets through and torch or the Trainer refuses at the first step, refused at the
     start: values out of range, and flags that do not go together."""
-    for name, (low, high) in TRAINING_ARGUMENT_RANGES.items():
+    for name, (valid, requirement) in TRAINING_ARGUMENT_RANGES.items():
         value = getattr(training_args, name)
-        if value is None:  # off, or the library's default
-            continue
-        if high is None and not value >= low:  # NaN fails every comparison
-            raise UserError(f"--{name} {value} must be at least {low}.")
-        if high is not None and not low <= value < high:
-            raise UserError(f"--{name} {value} must be in [{low}, {high}).")
+        if value is not None and not valid(value):  # None: off, or the library's default
+            raise UserError(f"--{name} {value} {requirement}.")
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers == 0:
         raise UserError(
             "--dataloader_persistent_workers keeps the DataLoader's workers between epochs, and "

@@ -73,7 +73,12 @@ def test_bad_config_overrides_are_refused_in_one_line(overrides, message):
         (["--adam_beta1", "1.5"], r"^--adam_beta1 1\.5 must be in \[0, 1\)\.$"),
         (["--adam_epsilon", "-1"], r"^--adam_epsilon -1\.0 must be at least 0\.$"),
         (["--label_smoothing_factor", "1"], r"^--label_smoothing_factor 1\.0 must be in \[0, 1\)\.$"),
+        (["--max_grad_norm", "nan"], r"^--max_grad_norm nan must be at least 0\.$"),
+        (["--logging_steps", "-1"], r"^--logging_steps -1\.0 must be more than 0\.$"),
+        (["--save_strategy", "steps", "--save_steps", "0"], r"^--save_steps 0\.0 must be more than 0\.$"),
+        (["--eval_strategy", "steps", "--eval_steps", "-1"], r"^--eval_steps -1\.0 must be more than 0\.$"),
         (["--seed", "-1"], r"^--seed -1 must be in \[0, 4294967296\)\.$"),
+        (["--split_seed", "-1"], r"^--split_seed -1 must be in \[0, 4294967296\)\.$"),
         (["--data_seed", "-1"], r"^--data_seed -1 must be in \[0, 4294967296\)\.$"),
         (
             ["--streaming", "--max_steps", "-1"],
@@ -87,6 +92,12 @@ def test_bad_training_flags_are_refused_before_anything_runs(tmp_path, flags, me
     the model were loaded (or, for --weight_decay, trained on with a negative decay)."""
     with pytest.raises(UserError, match=message):
         pretrain(tmp_path / "run", "--max_steps", "1", *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_seed_numpy_cannot_take_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(UserError, match=r"^--label_seed -1 must be in \[0, 4294967296\)\.$"):
+        fine_tune(tmp_path / "run", "--label_fraction", "0.5", "--label_seed", "-1", "--max_steps", "1")
     assert not (tmp_path / "run").exists()
 
 
