@@ -22,7 +22,7 @@ from modeling_selfie.modeling_selfie import create_resnet
 from .checkpoints import load_checkpoint, load_selfie_config, load_training_stages
 from .data import DataArguments
 from .errors import TrainingStopped, UserError, first_line
-from .hub import check_hub, is_hub_id
+from .hub import check_hub, is_hub_id, unreachable_reason
 from .timm_weights import TIMM_WEIGHTS, load_timm_weights
 from .trainer import StopOnSignal, stop_when_disk_full
 
@@ -521,6 +521,11 @@ def _image_processor_file(model_args: ModelArguments) -> str | None:
             raise UserError(f"--image_processor_name {named}: {first_line(error)}") from error
         return None
     if path is None and named is not None:
+        reason = unreachable_reason() if is_hub_id(named) else None  # offline, cached_file finds no file either
+        if reason is not None:
+            raise UserError(
+                f"--image_processor_name {named} is not in the local cache, and the Hub cannot be reached ({reason})."
+            )
         raise UserError(f"--image_processor_name {named} holds no {IMAGE_PROCESSOR_NAME}.")
     return path
 

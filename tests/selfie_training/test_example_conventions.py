@@ -99,3 +99,12 @@ def test_image_processor_name_replaces_the_checkpoints(tmp_path, pretrained):
 def test_flags_that_cannot_apply_are_refused_in_one_line(tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         pretrain(tmp_path / "run", "--max_steps", "1", *flags)
+
+
+def test_an_image_processor_on_an_unreachable_hub_says_so(tmp_path, hub_cache):
+    with pytest.raises(
+        UserError,
+        match=r"^--image_processor_name someone/processor is not in the local cache, and the Hub cannot be reached "
+        r"\(offline mode is on: HF_HUB_OFFLINE\)\.$",
+    ):
+        pretrain(tmp_path / "run", "--image_processor_name", "someone/processor", "--max_steps", "1")
