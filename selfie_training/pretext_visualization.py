@@ -51,7 +51,7 @@ def main(args: list[str] | None = None) -> list[str]:
     setup(training_args)
     if model_args.model_name_or_path is None:
         raise UserError("Give --model_name_or_path: the pretraining checkpoint whose pretext task to draw.")
-    splits = load_splits(data_args)
+    splits = load_splits(data_args, token=model_args.token)
     image_column = find_image_column(splits["train"], data_args.image_column_name)
     preset = choose_preset(data_args, splits["train"], image_column)
     config = build_config(model_args, preset)
