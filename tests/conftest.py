@@ -2,17 +2,29 @@
 
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 
+from selfie_training import hub
 from tests.utils import class_images, pretrain
 
 
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test reaches the Hub: each runs in offline mode (a test of the Hub's answers simulates them, offline mode
+    off), and what a run does to the process's offline mode (`selfie_training.hub`) is undone after it."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "_offline_reason", None)
 
 
 @pytest.fixture

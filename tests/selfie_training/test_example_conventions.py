@@ -10,7 +10,7 @@ import huggingface_hub
 import pytest
 import transformers
 
-from selfie_training import data, hub
+from selfie_training import data
 from selfie_training.data import DataArguments, load_splits
 from selfie_training.errors import UserError
 from tests.utils import pretrain
@@ -34,10 +34,7 @@ def hub_cache(tmp_path, pretrained, monkeypatch):
         else:
             snapshot.mkdir(parents=True)
             (snapshot / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "_offline_reason", None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read offline (tests/conftest.py)
     reads, download = [], transformers.utils.hub.hf_hub_download
 
     def recorded_download(repo_id, filename, **kwargs):

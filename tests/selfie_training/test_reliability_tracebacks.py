@@ -101,24 +101,15 @@ def test_a_label_seed_numpy_cannot_take_is_refused_before_anything_runs(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-# The Hub, offline or unreachable. No test reaches the network: offline mode, or a refused connection, is simulated.
-
-
-@pytest.fixture
-def hub_state(monkeypatch):
-    """Whatever a test does to the process's offline mode is undone after it."""
-    monkeypatch.setattr(hub, "_offline_reason", None)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
-    return monkeypatch
+# The Hub, offline or unreachable. No test reaches the network (tests/conftest.py): offline mode, or a refused
+# connection, is simulated.
 
 
 def refuse_connections(*args, **kwargs):
     raise httpx2.ConnectError("[Errno -2] Name or service not known")
 
 
-def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, hub_state, capsys):
-    hub_state.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     flags = ["--push_to_hub", "--hub_model_id", "someone/selfie", "--hub_token", "hf_test", "--max_steps", "1"]
     with pytest.raises(SystemExit) as exit_info:
         runner.run(lambda: pretrain(tmp_path / "run", *flags))
@@ -133,14 +124,14 @@ def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, hub_state, cap
     )
     assert not (tmp_path / "run").exists()  # nothing written, no lock file
 
-    hub_state.setattr(hub, "get_token", lambda: None)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
     with pytest.raises(UserError, match=r"^--push_to_hub run needs a Hub token with write access: log in with"):
         pretrain(tmp_path / "run", "--push_to_hub", "--max_steps", "1")
 
 
-def test_a_push_that_the_hub_refuses_is_one_line_and_leaves_the_output_dir_unlocked(tmp_path, hub_state):
-    hub_state.setattr(hub, "unreachable_reason", lambda: None)  # reachable when the run starts
-    hub_state.setattr(huggingface_hub.HfApi, "create_repo", refuse_connections)
+def test_a_push_that_the_hub_refuses_is_one_line_and_leaves_the_output_dir_unlocked(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: None)  # reachable when the run starts
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse_connections)
     flags = ["--push_to_hub", "--hub_model_id", "someone/selfie", "--hub_token", "hf_test", "--max_steps", "1"]
     with pytest.raises(
         UserError,
@@ -151,14 +142,16 @@ def test_a_push_that_the_hub_refuses_is_one_line_and_leaves_the_output_dir_unloc
     assert last_checkpoint(tmp_path / "run") is None  # the lock can be taken again: it was released
 
 
-def test_a_hub_dataset_that_cannot_be_reached_fails_at_once_in_one_line(tmp_path, hub_state):
+def test_a_hub_dataset_that_cannot_be_reached_fails_at_once_in_one_line(tmp_path, monkeypatch):
     requests = []
 
     def unreachable(*args, **kwargs):
         requests.append(args)
         refuse_connections()
 
-    hub_state.setattr(httpx2.Client, "send", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, but every request fails
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(httpx2.Client, "send", unreachable)
     with pytest.raises(
         UserError,
         match=r"^--dataset_name someone/images is not in the local cache, and the Hub cannot be reached "
