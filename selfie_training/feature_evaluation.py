@@ -7,8 +7,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from datasets import IterableDataset
 import torch
+from datasets import IterableDataset
 from transformers import TrainingArguments, set_seed
 from transformers.utils import CONFIG_NAME
 
@@ -166,7 +166,6 @@ def check_not_a_models_folder(output_dir: str):
         raise UserError(
             f"--output_dir {output_dir} holds a model (its config.json): this evaluation's eval_results.json, "
             "all_results.json and labelled_subset.json would replace its training's. Give a folder of its own; the "
-    check_training_classes(train, label_column, data_args)
             "figures also go into the evaluated checkpoint's model card."
         )
 
@@ -178,6 +177,24 @@ def load_model_and_images(model_args, subset_args, data_args, training_args) -> 
     set_seed(training_args.seed)  # the random-init baseline's weights
     if (model_args.model_name_or_path is None) == (model_args.config_name is None):
         raise UserError(
+            "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
+            "fresh weights: the random-init baseline), one of the two."
+        )
+    splits = load_splits(data_args, token=model_args.token)
+    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
+    train, indices = subset_args.select(train, label_column)
+    check_training_classes(train, label_column, data_args)
+    preset = choose_preset(data_args, splits["train"], image_column)
+    config = build_config(model_args, preset)
+    image_processor = load_image_processor(model_args, preset, config)
+    check_preset_applies(data_args.preset, model_args, config, image_processor)
+    model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
+    train_images, validation_images = (
+        labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)
+    )
+    return model, train_images, validation_images, names, indices
+
+
 def check_training_classes(train, label_column: str, data_args):
     """The k-NN and the linear probe compare classes: they need labelled training images of at least 2 of them. (A
     single training image also gave the probe a NaN standardisation, which ended in an overflow in L-BFGS.)"""
@@ -190,23 +207,6 @@ def check_training_classes(train, label_column: str, data_args):
             f"The training images{limit} are of {classes} class: the k-NN and the linear probe need training "
             "images of at least 2 classes."
         )
-
-
-            "Give --model_name_or_path (a Selfie checkpoint to evaluate) or --config_name (its architecture with "
-            "fresh weights: the random-init baseline), one of the two."
-        )
-    splits = load_splits(data_args, token=model_args.token)
-    train, validation, image_column, label_column, names = labelled_splits(splits, data_args)
-    train, indices = subset_args.select(train, label_column)
-    preset = choose_preset(data_args, splits["train"], image_column)
-    config = build_config(model_args, preset)
-    image_processor = load_image_processor(model_args, preset, config)
-    check_preset_applies(data_args.preset, model_args, config, image_processor)
-    model = build_model(saved_model_class(config), model_args, config).to(training_args.device)
-    train_images, validation_images = (
-        labelled_images(split, image_processor, image_column, label_column) for split in (train, validation)
-    )
-    return model, train_images, validation_images, names, indices
 
 
 def check_finite(features: torch.Tensor, split: str, model_args: ModelArguments):
