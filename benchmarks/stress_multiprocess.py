@@ -79,7 +79,8 @@ def main():
     for index in range(args.runs):
         results += run_round(index)
         if args.output_file:  # after every round, so that an interrupted stress test keeps what it measured
-            record = {"command": " ".join(sys.argv), "environment": package_versions(), "runs": args.runs}
+            command = " ".join(["python -m benchmarks.stress_multiprocess", *sys.argv[1:]])
+            record = {"command": command, "environment": package_versions(), "runs": args.runs}
             Path(args.output_file).write_text(json.dumps({**record, "launches": results}, indent=2) + "\n")
     for name in ("pretraining", "fine-tuning"):
         failed = sum(1 for result in results if result["run"] == name and result["exit_status"] != 0)
