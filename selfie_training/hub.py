@@ -74,7 +74,7 @@ def check_hub(arguments: tuple):
     if pushes:
         raise UserError(
             f"--push_to_hub {push_repository(training_args)}: the Hub cannot be reached ({reason}). Drop "
-            f"--push_to_hub, and upload {training_args.output_dir} once it can be (`hf upload REPOSITORY FOLDER`)."
+            f"--push_to_hub, and upload the run once it can be: {_upload_command(training_args)}."
         )
     logger.warning("The Hub cannot be reached (%s): %s read from the local cache.", reason, ", ".join(reads))
     _work_offline(reason)
@@ -94,9 +94,13 @@ def push_errors_in_one_line(training_args: TrainingArguments):
     except HUB_ERRORS as error:
         raise UserError(
             f"--push_to_hub {push_repository(training_args)}: the Hub refused or could not be reached "
-            f"({first_line(error) or type(error).__name__}). {training_args.output_dir} keeps what the run wrote: "
-            "upload it once the Hub takes it (`hf upload REPOSITORY FOLDER`)."
+            f"({first_line(error)}). {training_args.output_dir} keeps what the run wrote: upload it once the Hub "
+            f"takes it: {_upload_command(training_args)}."
         ) from error
+
+
+def _upload_command(training_args: TrainingArguments) -> str:
+    return f"`hf upload {push_repository(training_args)} {training_args.output_dir}`"
 
 
 def unreachable_reason() -> str | None:
@@ -109,7 +113,7 @@ def unreachable_reason() -> str | None:
     try:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
     except HUB_ERRORS as error:
-        return first_line(error) or type(error).__name__
+        return first_line(error)
     return None
 
 

@@ -119,7 +119,7 @@ def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, monkeypatch, c
         .err.splitlines()[-1]
         .endswith(
             "error: --push_to_hub someone/selfie: the Hub cannot be reached (offline mode is on: HF_HUB_OFFLINE). Drop "
-            f"--push_to_hub, and upload {tmp_path / 'run'} once it can be (`hf upload REPOSITORY FOLDER`)."
+            f"--push_to_hub, and upload the run once it can be: `hf upload someone/selfie {tmp_path / 'run'}`."
         )
     )
     assert not (tmp_path / "run").exists()  # nothing written, no lock file
@@ -136,7 +136,8 @@ def test_a_push_that_the_hub_refuses_is_one_line_and_leaves_the_output_dir_unloc
     with pytest.raises(
         UserError,
         match=r"^--push_to_hub someone/selfie: the Hub refused or could not be reached \(\[Errno -2\] Name or "
-        r"service not known\)\. .*run keeps what the run wrote",
+        r"service not known\)\. .*run keeps what the run wrote: upload it once the Hub takes it: `hf upload "
+        r"someone/selfie .*run`\.$",
     ):
         fine_tune(tmp_path / "run", *TINY_MODEL_FLAGS, *flags)
     assert last_checkpoint(tmp_path / "run") is None  # the lock can be taken again: it was released
