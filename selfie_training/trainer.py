@@ -35,7 +35,8 @@ UNREADABLE_IMAGES_FILE = "unreadable_images.txt"
 
 class SelfieTrainer(TrainerHooks):
     """A `Trainer` for the Selfie scripts: its model card (written by the scripts, and by `push_to_hub`) is a
-    Selfie model card; it stops on a non-finite loss; and it accounts for the images the collator could not read.
+    Selfie model card; it stops after a non-finite loss, before it next logs or saves; and it accounts for the images
+    that could not be read.
 
     `card` holds what the card needs beyond the trainer's state: the keyword arguments of `write_model_card` (`task`,
     `dataset`, `dataset_description`, `evaluation_split`, `model_name_or_path`). `training_stages`, where the weights
@@ -71,6 +72,9 @@ class SelfieTrainer(TrainerHooks):
         self.max_unreadable_fraction = max_unreadable_fraction
         self.images_read = 0
         self.unreadable_images = 0
+        self.non_finite_loss = FirstNonFiniteLoss()
+        # In place of Trainer's own filter of non-finite losses, which reads the loss back at every step.
+        self.args.logging_nan_inf_filter = False
 
     def init_hf_repo(self, *args, **kwargs):
         with push_errors_in_one_line(self.args):
@@ -255,7 +259,9 @@ class SelfieTrainer(TrainerHooks):
         write_model_card(self, stages=self.training_stages, **self.card)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        # Trainer saves every checkpoint through here too: each carries the stages that its weights went through.
+        # Trainer saves every checkpoint through here too: none holds weights of a step whose loss was not finite,
+        # and each carries the stages that its weights went through.
+        self._stop_after_a_non_finite_loss()
         super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
             save_training_stages(output_dir or self.args.output_dir, self.training_stages)
@@ -269,14 +275,53 @@ class SelfieTrainer(TrainerHooks):
             self.accelerator.backward(loss)
             return loss.detach()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Before the optimiser step: the weights, and the last checkpoint on disk, are still those of good steps.
-        if not torch.isfinite(loss):
+        self.non_finite_loss.record(loss, step=self.state.global_step + 1)
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None):
+        if "loss" in logs:  # the training loss, which every process logs at the same steps (the check gathers)
+            self._stop_after_a_non_finite_loss()
+        super().log(logs, start_time)
+
+    def _stop_after_a_non_finite_loss(self):
+        """Stop the run, before it logs or saves anything more, if the loss of a step was not finite: the weights
+        after that step are not, nor will they be. Every process stops alike, on the earliest such step of any."""
+        found = self.non_finite_loss.read(self.accelerator)
+        if found is not None:
+            step, loss = found
             raise TrainingStopped(
-                f"The training loss became {loss.item()} at step {self.state.global_step + 1}; the checkpoints in "
-                f"{self.args.output_dir} are intact. Lower --learning_rate or check the data, then run again to resume.",
+                f"The training loss became {loss} at step {step}; the checkpoints in {self.args.output_dir} are "
+                f"intact (the run stopped at step {self.state.global_step}, before saving the weights of any step "
+                "from then on). Lower --learning_rate or check the data, then run again to resume.",
                 exit_status=3,
             )
-        return loss
+
+
+class FirstNonFiniteLoss:
+    """The first training step whose loss was not finite, and that loss, recorded on the device: testing the loss on
+    the host would make it wait for the device at every step; `read` waits only when the trainer logs or saves."""
+
+    NONE = torch.iinfo(torch.long).max  # the step recorded while every loss is finite
+
+    def __init__(self):
+        self.step = self.loss = None
+
+    def record(self, loss: torch.Tensor, step: int):
+        if self.step is None:
+            self.step = torch.full((), self.NONE, dtype=torch.long, device=loss.device)
+            self.loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        first = torch.isfinite(loss).logical_not() & (self.step == self.NONE)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def read(self, accelerator) -> tuple[int, float] | None:
+        """The earliest such step of all processes and its loss, or None."""
+        if self.step is None:  # no training step yet, on any process
+            return None
+        steps, losses = (accelerator.gather(tensor.reshape(1)) for tensor in (self.step, self.loss))
+        first = steps.argmin()
+        step = int(steps[first])
+        return None if step == self.NONE else (step, float(losses[first]))
 
 
 @contextmanager

@@ -174,7 +174,15 @@ def test_scripts_report_user_errors_in_one_line_with_status_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("logging_steps", "stopped_at"),
+    [("1", 3), ("100", 4)],  # at the log of step 3; at the checkpoint of step 4, before any weights are written
+)
+def test_a_non_finite_loss_stops_the_run_before_it_logs_or_saves_again(
+    tmp_path, monkeypatch, logging_steps, stopped_at
+):
+    """The loss is read back only when the trainer logs or saves (reading it at every step would make the host wait
+    for the device at every step): the run stops there, naming the step, and no checkpoint holds its weights."""
     original_forward = SelfieForMaskedPatchPrediction.forward
     calls = []
 
@@ -187,13 +195,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(SelfieForMaskedPatchPrediction, "forward", forward)
     output = tmp_path / "run"
-    with pytest.raises(
-        TrainingStopped, match=r"The training loss became nan at step 3; the checkpoints in .* are intact"
-    ):
-        pretrain(
-            output, "--max_steps", "5", "--save_steps", "2", "--per_device_train_batch_size", "8", "--do_eval", "False"
-        )
+    stopped = rf"the checkpoints in .* are intact \(the run stopped at step {stopped_at},"
+    with pytest.raises(TrainingStopped, match=rf"The training loss became nan at step 3; {stopped}"):
+        pretrain(output, "--max_steps", "6", "--save_steps", "2", "--logging_steps", logging_steps,
+                 "--per_device_train_batch_size", "8", "--do_eval", "False")  # fmt: skip
     assert not (output / "model.safetensors").exists()  # no final model from a broken run
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
     state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     weights = load_file(output / "checkpoint-2" / "model.safetensors")
