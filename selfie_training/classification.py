@@ -13,16 +13,13 @@ from .checkpoints import find_last_checkpoint, load_selfie_config, output_dir_lo
 from .data import (
     DataArguments,
     LabelledSubsetArguments,
-    RandomStream,
     choose_preset,
-    collate_images,
-    image_transform,
     labelled_splits,
     load_splits,
-    with_image_transform,
 )
 from .errors import UserError
 from .metrics import compute_accuracy, top_classes
+from .resident_images import image_pipeline
 from .runner import (
     ModelArguments,
     build_config,
@@ -197,22 +194,20 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
     if finetuning_args.freeze_pretrained_batchnorm:
         freeze_batchnorm_statistics(model.selfie.patch_network)
 
-    train_transform = image_transform(
+    pipeline = image_pipeline(
+        train,
+        validation,
+        image_column,
         image_processor,
-        train=True,
-        channel_drop_prob=data_args.channel_drop_prob,
+        data_args,
+        training_args,
+        label_column=label_column,
         trivial_augment=finetuning_args.trivial_augment,
     )
-    stream = RandomStream(training_args.seed)
     trainer = ClassificationTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_image_transform(train, train_transform, image_column, label_column, stream=stream),
-        eval_dataset=with_image_transform(
-            validation, image_transform(image_processor, train=False), image_column, label_column
-        ),
-        data_collator=collate_images,
-        data_stream=stream,
+        **pipeline,
         compute_metrics=compute_accuracy,
         preprocess_logits_for_metrics=top_classes,
         max_unreadable_fraction=data_args.max_unreadable_fraction,

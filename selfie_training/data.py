@@ -77,6 +77,15 @@ class DataArguments:
         default=0.0,
         metadata={"help": "CPC v2's colour augmentation: with this probability keep one random colour channel."},
     )
+    resident_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode a dataset that fits in memory (up to 4 GiB of 8-bit pixels, training images of one size) "
+            "once onto the training device, and crop, flip, normalise and mask whole batches there. False, and "
+            "with --streaming, --trivial_augment or --channel_drop_prob: decode and transform image by image in "
+            "DataLoader workers."
+        },
+    )
     max_unreadable_fraction: float = field(
         default=0.01,
         metadata={
@@ -600,6 +609,11 @@ def image_name(entry: dict) -> str:
     return entry.get("path") or "an image embedded in the dataset"
 
 
+def unreadable_note(entry: dict, error: Exception) -> str:
+    """An unreadable image as runs name it: its name and why it could not be read."""
+    return f"{image_name(entry)} ({type(error).__name__}: {error})"
+
+
 class RandomStream:
     """A random stream of the data pipeline's own (augmentation, masks), apart from the model's: torch's CPU
     generator runs on this stream's state inside `active()`, and every example records the state after its batch.
@@ -665,7 +679,7 @@ class TransformBatch:
                     unreadable.append(None)
                 except UNREADABLE_IMAGE_ERRORS as error:
                     pixel_values.append(None)
-                    unreadable.append(f"{image_name(entry)} ({type(error).__name__}: {error})")
+                    unreadable.append(unreadable_note(entry, error))
             result = {"pixel_values": pixel_values, "unreadable": unreadable}
             if self.mask_sizes is not None:
                 result["bool_masked_pos"] = list(random_patch_mask(len(entries), *self.mask_sizes))

@@ -11,9 +11,7 @@ from modeling_selfie.modeling_selfie import NORM_LAYER_TYPES
 from .checkpoints import find_last_checkpoint, output_dir_lock
 from .data import (
     DataArguments,
-    RandomStream,
     choose_preset,
-    collate_images,
     find_image_column,
     image_transform,
     limit_samples,
@@ -24,6 +22,7 @@ from .errors import UserError
 from .evaluation import BatchNormRecalibration, KNNMonitorArguments, build_knn_monitor
 from .metrics import compute_candidate_accuracy, image_candidate_hits
 from .model_card import describe_objective
+from .resident_images import image_pipeline
 from .runner import (
     ModelArguments,
     build_config,
@@ -121,24 +120,21 @@ def build_trainer(args: list[str] | None = None) -> tuple:
             )
         train_norm_layers_only(model)
 
-    train_transform = image_transform(
-        image_processor, train=True, channel_drop_prob=data_args.channel_drop_prob, patch_grid=config.grid_size
-    )
     eval_transform = image_transform(image_processor, train=False)
-    mask_sizes = (config.num_patches, config.num_masked_patches)
-    train_stream, eval_stream = RandomStream(training_args.seed), RandomStream(training_args.seed)
+    pipeline = image_pipeline(
+        splits["train"],
+        splits["validation"],
+        image_column,
+        image_processor,
+        data_args,
+        training_args,
+        patch_grid=config.grid_size,
+        mask_sizes=(config.num_patches, config.num_masked_patches),
+    )
     trainer = PretrainingTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_image_transform(
-            splits["train"], train_transform, image_column, stream=train_stream, mask_sizes=mask_sizes
-        ),
-        eval_dataset=with_image_transform(
-            splits["validation"], eval_transform, image_column, stream=eval_stream, mask_sizes=mask_sizes
-        ),
-        data_collator=collate_images,
-        data_stream=train_stream,
-        eval_stream=eval_stream,
+        **pipeline,
         compute_metrics=compute_candidate_accuracy,
         preprocess_logits_for_metrics=image_candidate_hits,
         max_unreadable_fraction=data_args.max_unreadable_fraction,

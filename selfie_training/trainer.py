@@ -24,6 +24,7 @@ from .data import RandomStream
 from .errors import TrainingStopped, UserError
 from .hub import push_errors_in_one_line
 from .model_card import set_section, write_model_card
+from .resident_images import DeviceStream, ResidentImages
 from .trainer_hooks import TrainerHooks
 from .visualization import PretextFigure
 
@@ -52,8 +53,8 @@ class SelfieTrainer(TrainerHooks):
         *args,
         card: dict,
         training_stages: list[dict],
-        data_stream: RandomStream,
-        eval_stream: RandomStream | None = None,
+        data_stream: RandomStream | DeviceStream,
+        eval_stream: RandomStream | DeviceStream | None = None,
         max_unreadable_fraction: float = 0.01,
         pretrained_learning_rate: float | None = None,
         layer_decay: float = 1.0,
@@ -72,6 +73,10 @@ class SelfieTrainer(TrainerHooks):
         self.max_unreadable_fraction = max_unreadable_fraction
         self.images_read = 0
         self.unreadable_images = 0
+        for split in (self.train_dataset, self.eval_dataset):
+            if isinstance(split, ResidentImages):  # read whole at load, by every process: named by one
+                read = len(split) + len(split.unreadable)
+                self._account_for_images(split.unreadable, read, named_here=self.is_world_process_zero())
         self.non_finite_loss = FirstNonFiniteLoss()
         # In place of Trainer's own filter of non-finite losses, which reads the loss back at every step.
         self.args.logging_nan_inf_filter = False
@@ -95,8 +100,22 @@ class SelfieTrainer(TrainerHooks):
                 return self._finished_run(resume_from_checkpoint, state, max_steps)
             # Restored here, before the first batch is read: Trainer restores its own generators only after that.
             if os.path.isfile(self._data_rng_file(resume_from_checkpoint)):
-                self.data_stream.state = torch.load(self._data_rng_file(resume_from_checkpoint), weights_only=True)
+                self._restore_data_stream(self._data_rng_file(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _restore_data_stream(self, path: str):
+        """The data stream's state saved in `path`, where it is one of this run's stream: a run resumed on another
+        kind of device, or on the other data path (`resident_images`), cannot draw what the first would have."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        current = self.data_stream.state
+        if type(state) is not type(current) or len(state) != len(current):
+            logger.warning(
+                "%s holds the data stream of another pipeline (per-image, or resident on another kind of device): "
+                "this run's stream starts afresh from --seed.",
+                path,
+            )
+            return
+        self.data_stream.state = state
 
     def _check_steps_after_freezing(self):
         """Pretrained weights held still for the whole run would not be fine-tuned at all, while the card says they
@@ -183,17 +202,19 @@ class SelfieTrainer(TrainerHooks):
         self._account_for_images(unreadable, read=len(inputs["pixel_values"]) + len(unreadable))
         return inputs
 
-    def _account_for_images(self, unreadable: list[str], read: int):
+    def _account_for_images(self, unreadable: list[str], read: int, named_here: bool = True):
+        """Count the images read and the unreadable ones among them, naming these where `named_here`."""
         self.images_read += read
         if not unreadable:
             return
         self.unreadable_images += len(unreadable)
         report = os.path.join(self.args.output_dir, UNREADABLE_IMAGES_FILE)
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(report, "a") as file:
-            file.writelines(f"{name}\n" for name in unreadable)
-        for name in unreadable:
-            logger.warning("Skipped an unreadable image: %s", name)
+        if named_here:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(report, "a") as file:
+                file.writelines(f"{name}\n" for name in unreadable)
+            for name in unreadable:
+                logger.warning("Skipped an unreadable image: %s", name)
         if self.unreadable_images > self.max_unreadable_fraction * max(self.images_read, 1000):
             raise TrainingStopped(
                 f"{self.unreadable_images} of the {self.images_read} images read so far could not be decoded, more "

@@ -195,8 +195,13 @@ def test_labelled_subset_is_class_balanced_and_independent_of_the_training_seed(
         assert chosen.count(digit) == round(0.05 * all_labels.count(digit))
 
 
-def test_resume_after_an_interruption_continues_from_the_saved_step_to_the_same_end(tmp_path, image_folder):
+@pytest.mark.parametrize("resident_images", ["True", "False"])  # batches made on the device, or image by image
+def test_resume_after_an_interruption_continues_from_the_saved_step_to_the_same_end(
+    tmp_path, image_folder, resident_images
+):
     flags = [
+        "--resident_images",
+        resident_images,
         "--train_dir",
         str(image_folder),
         "--max_steps",

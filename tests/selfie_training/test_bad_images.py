@@ -273,6 +273,8 @@ def test_a_batch_without_a_readable_image_is_skipped_and_its_file_named(tmp_path
         *QUIET_FLAGS,
         "--per_device_eval_batch_size",
         "1",
+        "--resident_images",  # the per-image path, which reads the images batch by batch (resident: all at load)
+        "False",
     ]
 
     output = tmp_path / "run"
