@@ -124,7 +124,7 @@ def random_offsets(
 ) -> torch.Tensor:
     """`count` integers, each uniform in 0..choices-1 (`torch.randint`'s distribution, for a bound per draw)."""
     drawn = (torch.rand(count, generator=generator, device=device) * choices).long()
-    return torch.minimum(drawn, torch.as_tensor(choices, device=device) - 1)  # float rounding can reach `choices`
+    return drawn.clamp(max=choices - 1)  # float rounding can reach `choices`
 
 
 def random_flips(count: int, generator: torch.Generator | None, device: torch.device | None) -> torch.Tensor:
