@@ -5,6 +5,7 @@ fine-tuning."""
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ class SelfieTrainer(TrainerHooks):
                 read = len(split) + len(split.unreadable)
                 self._account_for_images(split.unreadable, read, named_here=self.is_world_process_zero())
         self.non_finite_loss = FirstNonFiniteLoss()
+        self.loss_terms = {}  # the terms of the last training loss, where it has several (`PretrainingTrainer`)
         # In place of Trainer's own filter of non-finite losses, which reads the loss back at every step.
         self.args.logging_nan_inf_filter = False
 
@@ -296,7 +298,7 @@ class SelfieTrainer(TrainerHooks):
             self.accelerator.backward(loss)
             return loss.detach()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.non_finite_loss.record(loss, step=self.state.global_step + 1)
+        self.non_finite_loss.record(loss, step=self.state.global_step + 1, terms=self.loss_terms)
         return loss
 
     def log(self, logs: dict, start_time: float | None = None):
@@ -309,13 +311,31 @@ class SelfieTrainer(TrainerHooks):
         after that step are not, nor will they be. Every process stops alike, on the earliest such step of any."""
         found = self.non_finite_loss.read(self.accelerator)
         if found is not None:
-            step, loss = found
+            step, loss, terms = found
+            described = f" ({', '.join(f'{name} {value:.4g}' for name, value in terms.items())})" if terms else ""
             raise TrainingStopped(
-                f"The training loss became {loss} at step {step}; the checkpoints in {self.args.output_dir} are "
-                f"intact (the run stopped at step {self.state.global_step}, before saving the weights of any step "
-                "from then on). Lower --learning_rate or check the data, then run again to resume.",
+                f"The training loss became {loss} at step {step}{described}; the checkpoints in "
+                f"{self.args.output_dir} are intact (the run stopped at step {self.state.global_step}, before saving "
+                f"the weights of any step from then on). {self._likely_cause(step, terms)}",
                 exit_status=3,
             )
+
+    def _likely_cause(self, step: int, terms: dict[str, float]) -> str:
+        """What most likely made the loss non-finite, and what to change: from the loss's terms at that step and
+        the config."""
+        if terms and all(map(math.isfinite, terms.values())):
+            # Each term finite, their sum not: the weight of the image contrastive term overflowed it.
+            weight = self.model.config.image_contrastive_weight
+            return (
+                f"Its terms were finite, so the config's image_contrastive_weight={weight:g}, which weighs the "
+                "image contrastive term, overflowed their sum: lower it (--config_overrides), then run again."
+            )
+        if step == 1:
+            return (
+                "It was the first step, before any update, so not --learning_rate: check the data and the config's "
+                "fields (--config_overrides), then run again."
+            )
+        return "Lower --learning_rate or check the data, then run again to resume."
 
 
 class FirstNonFiniteLoss:
@@ -326,23 +346,30 @@ class FirstNonFiniteLoss:
 
     def __init__(self):
         self.step = self.loss = None
+        self.terms = {}
 
-    def record(self, loss: torch.Tensor, step: int):
+    def record(self, loss: torch.Tensor, step: int, terms: dict[str, torch.Tensor] | None = None):
+        """`loss` of training step `step`, and the terms it sums, where it has several."""
         if self.step is None:
             self.step = torch.full((), self.NONE, dtype=torch.long, device=loss.device)
             self.loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
         first = torch.isfinite(loss).logical_not() & (self.step == self.NONE)
         self.step = torch.where(first, step, self.step)
         self.loss = torch.where(first, loss, self.loss)
+        for name, value in (terms or {}).items():
+            self.terms[name] = torch.where(first, value.float(), self.terms.get(name, torch.zeros_like(loss).float()))
 
-    def read(self, accelerator) -> tuple[int, float] | None:
-        """The earliest such step of all processes and its loss, or None."""
+    def read(self, accelerator) -> tuple[int, float, dict[str, float]] | None:
+        """The earliest such step of all processes, its loss and the loss's terms, or None."""
         if self.step is None:  # no training step yet, on any process
             return None
         steps, losses = (accelerator.gather(tensor.reshape(1)) for tensor in (self.step, self.loss))
         first = steps.argmin()
         step = int(steps[first])
-        return None if step == self.NONE else (step, float(losses[first]))
+        if step == self.NONE:
+            return None
+        terms = {name: float(accelerator.gather(value.reshape(1))[first]) for name, value in self.terms.items()}
+        return step, float(losses[first]), terms
 
 
 @contextmanager
@@ -439,6 +466,10 @@ class PretrainingTrainer(SelfieTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
+        if model.training and outputs.image_contrastive_loss is not None:  # a loss of two terms
+            self.loss_terms = {
+                name: outputs[name].detach() for name in ("patch_selection_loss", "image_contrastive_loss")
+            }
         if model.training:
             # Summed on the device: reading them here would synchronise every step.
             for name in self.LOGGED_OUTPUTS:

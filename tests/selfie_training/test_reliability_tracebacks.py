@@ -11,12 +11,12 @@ import huggingface_hub
 import pytest
 from transformers import TrainingArguments
 
-from modeling_selfie import SelfieConfig
+from modeling_selfie import SelfieConfig, SelfieForMaskedPatchPrediction
 from selfie_training import hub, runner
 from selfie_training.data import DataArguments, labelled_splits, load_splits
-from selfie_training.errors import UserError
+from selfie_training.errors import TrainingStopped, UserError
 from selfie_training.runner import ModelArguments, build_config
-from tests.utils import TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain, tiny_config
+from tests.utils import TINY_MODEL, TINY_MODEL_FLAGS, fine_tune, last_checkpoint, pretrain, tiny_config
 
 
 def test_every_config_field_is_settable_with_config_overrides():
@@ -182,3 +182,47 @@ def test_an_image_folder_of_one_class_says_so(tmp_path, image_folder):
     args = DataArguments(dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"^--dataset_name .*data has one class folder \('cat'\), so its images have"):
         labelled_splits(load_splits(args), args)
+
+
+ONE_LOGGED_STEP = [
+    "--max_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "8",
+    "--do_eval",
+    "False",
+]
+STOPPED = r"; the checkpoints in .* are intact \(the run stopped at step 1, before saving the weights of any step from then on\)\. "
+
+
+def test_a_loss_overflowed_by_its_weight_names_the_weight(tmp_path):
+    overrides = f"{TINY_MODEL['config_overrides']},masking_strategy=split,image_contrastive_weight=1e39"
+    message = (
+        r"^The training loss became inf at step 1 \(patch_selection_loss \d\.\d+, image_contrastive_loss \d\.\d+\)"
+        + STOPPED
+        + r"Its terms were finite, so the config's image_contrastive_weight=1e\+39, which weighs the image "
+        r"contrastive term, overflowed their sum: lower it \(--config_overrides\), then run again\.$"
+    )
+    with pytest.raises(TrainingStopped, match=message):
+        pretrain(tmp_path / "run", "--config_overrides", overrides, *ONE_LOGGED_STEP)
+
+
+def test_a_loss_not_finite_at_the_first_step_is_not_blamed_on_the_learning_rate(tmp_path, monkeypatch):
+    forward = SelfieForMaskedPatchPrediction.forward
+
+    def forward_to_nan(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(SelfieForMaskedPatchPrediction, "forward", forward_to_nan)
+    message = (
+        r"^The training loss became nan at step 1"
+        + STOPPED
+        + r"It was the first step, before any update, so not --learning_rate: check the data and the config's "
+        r"fields \(--config_overrides\), then run again\.$"
+    )
+    with pytest.raises(TrainingStopped, match=message):
+        pretrain(tmp_path / "run", *ONE_LOGGED_STEP)
