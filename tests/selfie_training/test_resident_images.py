@@ -244,7 +244,7 @@ def test_unreadable_images_are_named_at_load(tmp_path):
     """All of them, each once, before the first step (the per-image path names them as its batches reach them)."""
     folder = tmp_path / "images"
     folder.mkdir()
-    for index, (image, _) in enumerate(class_images(2, 48, size=(40, 36))):
+    for index, (image, _) in enumerate(class_images(2, 12, size=(40, 36))):
         image.save(folder / f"good_{index}.png")
     bad = write_bad_files(folder)
     output = tmp_path / "run"
