@@ -12,14 +12,18 @@ the 7x7 stem), at the same batch size and precision, it measures
     selfie_split_contrastive    and with its image-level InfoNCE term too
     script      run_pretraining.py's own Trainer end to end, on real images (CIFAR-10, upscaled for 224x224)
     finetune    a SelfieForImageClassification training step (P, stage 4, classifier)
+    finetune_script             run_image_classification.py's own Trainer end to end, on real labelled images
     decode      reading and decoding the images alone
     transform   decoding and the training transforms
     loader      the training DataLoader: its workers, decoding, transforms, masks and collation
 
-and reports images/s, the ratio to the peer, FLOPs per image of a training step (forward and backward, counted by
-`torch.utils.flop_counter`), the TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on
-the CPU in float32; with channels_last weights and images on CUDA (--channels_last says otherwise). Every measurement runs in a process of its own, so that its peak
-memory and compiled code are its own. The table comes last; the JSON holds it and the settings.
+and reports images/s (the median of --repeats runs, each of them beside it), the ratio to the peer, each script's
+ratio to its bare step and the milliseconds per step that it spends outside the model (data, optimizer, schedule,
+bookkeeping), FLOPs per image of a training step (forward and backward, counted by `torch.utils.flop_counter`), the
+TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on the CPU in float32; with
+channels_last weights and images on CUDA (--channels_last says otherwise). Every run of a measurement is a process of
+its own, so that its peak memory and compiled code are its own. The table comes last; the JSON holds it, the
+settings and the package versions.
 """
 
 import logging
@@ -50,7 +54,7 @@ from modeling_selfie import (
     random_patch_mask,
 )
 from modeling_selfie.modeling_selfie import create_resnet
-from selfie_training import pretraining
+from selfie_training import classification, pretraining
 from selfie_training.data import (
     DataArguments,
     RandomStream,
@@ -61,12 +65,15 @@ from selfie_training.data import (
     read_image,
     with_image_transform,
 )
+from selfie_training.environment import package_versions
 from selfie_training.runner import ModelArguments, build_config, run, save_json
 
 
 logger = logging.getLogger(__name__)
 
-MODEL_STEPS = ("peer", "selfie", "selfie_split", "selfie_split_contrastive", "script", "finetune")
+MODEL_STEPS = ("peer", "selfie", "selfie_split", "selfie_split_contrastive", "script", "finetune", "finetune_script")
+# Each script and the bare step of its model, to which it is compared.
+SCRIPT_STEPS = {"script": "selfie", "finetune_script": "finetune"}
 # The pretraining objectives measured, and the config fields each sets ("selfie": the config's own, by default
 # Selfie's random mask; the split ones hide half the grid, their own default).
 OBJECTIVES = {
@@ -97,9 +104,12 @@ class BenchmarkArguments:
         default=None,
         metadata={"help": "Images per step. Default: 512 (CIFAR) / 256 (ImageNet) on CUDA, 32 / 8 on CPU."},
     )
-    steps: int | None = field(default=None, metadata={"help": "Timed steps. Default: 50 on CUDA, 5 on CPU."})
+    steps: int | None = field(default=None, metadata={"help": "Timed steps. Default: 50 on CUDA, 30 on CPU."})
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "Untimed steps first. Default: 10 on CUDA, 2 on CPU."}
+        default=None, metadata={"help": "Untimed steps first. Default: 10 on CUDA, 3 on CPU."}
+    )
+    repeats: int = field(
+        default=3, metadata={"help": "Runs of every measurement, each in a fresh process: the median is reported."}
     )
     backbone: str = field(default="resnet50", metadata={"help": "The timm ResNet of the peer and of Selfie."})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON of timm.create_model arguments."})
@@ -168,25 +178,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ):
         if unknown := [name for name in names if name not in known]:
             raise ValueError(f"{flag} {' '.join(unknown)}: choose among {', '.join(known)}.")
+    for flag, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--steps", args.steps, 1),
+        ("--batch_size", args.batch_size, 1),
+        ("--warmup_steps", args.warmup_steps, 0),
+        ("--dataloader_num_workers", args.dataloader_num_workers, 0),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value} must be at least {least}.")
     logging.basicConfig(
         format="%(asctime)s - %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)]
     )
     device = in_own_process(probe_device)  # the parent keeps off the GPU, whose memory the measurements share
     precision = "bf16 autocast" if device["type"] == "cuda" else "float32"
-    report = {"device": device["name"], "precision": precision, "torch": torch.__version__, "arguments": asdict(args)}
+    report = {
+        "command": " ".join(
+            ["python -m benchmarks.benchmark_throughput", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "environment": package_versions(),
+        "device": device["name"],
+        "precision": precision,
+        "arguments": asdict(args),
+    }
     rows = []
     for grid in args.grids:
         settings = _settings(args, grid, device["type"])
         report["precision"] = precision + (", channels_last" if settings.channels_last else "")
         for measurement in args.measurements:
             logger.info("%s: measuring %s (batch %d)", grid, measurement, settings.batch_size)
-            row = in_own_process(MEASUREMENTS[measurement], settings)
-            rows.append({"grid": grid, "measurement": measurement, "batch_size": settings.batch_size, **row})
+            runs = [in_own_process(MEASUREMENTS[measurement], settings) for _ in range(args.repeats)]
+            rows.append({"grid": grid, "measurement": measurement, "batch_size": settings.batch_size, **median(runs)})
             _add_ratios(rows)
             save_json(args.output_file, {**report, "results": rows})  # after each: a failure later loses nothing
     print(f"\n{device['name']}, torch {torch.__version__}, {report['precision']}; written to {args.output_file}\n")
     print(format_table(rows))
     return rows
+
+
+def median(runs: list[dict]) -> dict:
+    """The run of median images/s, with every run's images/s and the largest peak memory beside it."""
+    rates = [run["images_per_second"] for run in runs]
+    middle = sorted(runs, key=lambda run: run["images_per_second"])[(len(runs) - 1) // 2]
+    return {**middle, "images_per_second_runs": rates, "peak_memory_gib": max(run["peak_memory_gib"] for run in runs)}
 
 
 def _settings(args: BenchmarkArguments, grid: str, device: str) -> Settings:
@@ -198,8 +232,8 @@ def _settings(args: BenchmarkArguments, grid: str, device: str) -> Settings:
         grid=grid,
         device=device,
         batch_size=args.batch_size or DEFAULT_BATCH_SIZES[device][grid],
-        steps=args.steps or (50 if on_cuda else 5),
-        warmup_steps=args.warmup_steps if args.warmup_steps is not None else (10 if on_cuda else 2),
+        steps=args.steps or (50 if on_cuda else 30),
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else (10 if on_cuda else 3),
         workers=args.dataloader_num_workers
         if args.dataloader_num_workers is not None
         else (min(16, os.cpu_count() - 1) if on_cuda else 1),
@@ -344,6 +378,17 @@ def measure_script(settings: Settings) -> dict:
     return {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
 
 
+def measure_finetune_script(settings: Settings) -> dict:
+    """run_image_classification.py's Trainer on real labelled images, from fresh weights (a pretrained checkpoint's
+    step is the same), timed as `measure_script` times pretraining."""
+    timer = StepTimer(settings.warmup_steps, settings.device)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer, _ = classification.build_trainer(*classification.parse(_script_flags(settings, output_dir)))
+        trainer.add_callback(timer)
+        trainer.train()
+    return {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
+
+
 def _script_flags(settings: Settings, output_dir: str) -> list[str]:
     args = settings.args
     flags = [
@@ -450,6 +495,7 @@ MEASUREMENTS = {
     **{objective: partial(measure_selfie, objective=objective) for objective in OBJECTIVES},
     "script": measure_script,
     "finetune": measure_finetune,
+    "finetune_script": measure_finetune_script,
     "decode": measure_decode,
     "transform": measure_transform,
     "loader": measure_loader,
@@ -509,16 +555,19 @@ def _peak_memory(baseline_kib: int) -> float:
 
 
 def _add_ratios(rows: list[dict]):
-    """Images/s over the peer's, and TFLOP/s (the end-to-end script counts as many FLOPs as the Selfie step)."""
+    """Images/s over the peer's; each script's images/s over its bare step's, and the time per step it spends
+    outside the model; TFLOP/s (a script counts as many FLOPs as its bare step)."""
     by_key = {(row["grid"], row["measurement"]): row for row in rows}
     for row in rows:
         peer = by_key.get((row["grid"], "peer"))
         if peer is not None and row["measurement"] in MODEL_STEPS:
             row["ratio_to_peer"] = row["images_per_second"] / peer["images_per_second"]
-        selfie = by_key.get((row["grid"], "selfie"))
-        if row["measurement"] == "script" and selfie is not None:
-            row["flops_per_image"] = selfie["flops_per_image"]
-            row["ratio_to_selfie"] = row["images_per_second"] / selfie["images_per_second"]
+        step = by_key.get((row["grid"], SCRIPT_STEPS.get(row["measurement"])))
+        if step is not None:
+            row["flops_per_image"] = step["flops_per_image"]
+            row["ratio_to_step"] = row["images_per_second"] / step["images_per_second"]
+            seconds_per_image = 1 / row["images_per_second"] - 1 / step["images_per_second"]
+            row["ms_per_step_outside_model"] = 1000 * row["batch_size"] * seconds_per_image
         if "flops_per_image" in row:
             row["tflops_per_second"] = row["flops_per_image"] * row["images_per_second"] / 1e12
 
@@ -533,7 +582,10 @@ def format_table(rows: list[dict]) -> str:
             "measurement": row["measurement"],
             "batch": row["batch_size"],
             "images/s": number(row, "images_per_second", 1),
+            "runs": " / ".join(f"{rate:,.1f}" for rate in row["images_per_second_runs"]),
             "x peer": number(row, "ratio_to_peer", 2),
+            "x step": number(row, "ratio_to_step", 3),
+            "ms/step outside": number(row, "ms_per_step_outside_model", 1),
             "GFLOP/image": f"{row['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in row else "-",
             "TFLOP/s": number(row, "tflops_per_second", 3),
             "peak GiB": number(row, "peak_memory_gib", 2),

@@ -136,6 +136,15 @@ ARGUMENTS = (ModelArguments, FineTuningArguments, DataArguments, TrainingArgumen
 
 
 def main(args: list[str] | None = None) -> dict:
+    arguments = parse(args)
+    training_args = arguments[-1]
+    with output_dir_lock(training_args):
+        trainer, image_processor = build_trainer(*arguments)
+        return train_and_evaluate(trainer, training_args, image_processor, find_last_checkpoint(training_args))
+
+
+def parse(args: list[str] | None = None) -> tuple:
+    """The script's arguments, checked as a whole, with logging set up."""
     model_args, finetuning_args, data_args, training_args = parse_arguments(ARGUMENTS, args)
     check_there_is_work(training_args)
     setup(training_args)
@@ -158,13 +167,12 @@ def main(args: list[str] | None = None) -> dict:
             f"{' and '.join(mixing)} mix each training image with another of its batch, and a batch of one image "
             "(--per_device_train_batch_size 1) has no other: nothing would be mixed. Give batches of 2 or more images."
         )
-    with output_dir_lock(training_args):
-        return fine_tune(model_args, finetuning_args, data_args, training_args)
+    return model_args, finetuning_args, data_args, training_args
 
 
-def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArguments) -> dict:
-    """From the data to the trained, evaluated and saved classifier, in --output_dir (locked by the caller)."""
-    checkpoint = find_last_checkpoint(training_args)
+def build_trainer(model_args, finetuning_args, data_args, training_args: TrainingArguments) -> tuple:
+    """Everything up to training, in --output_dir (locked by the caller: the labelled subset is written there): the
+    trainer and the image processor (the benchmarks time this trainer's steps)."""
     set_seed(training_args.seed)
 
     splits = load_splits(data_args, token=model_args.token)
@@ -225,7 +233,7 @@ def fine_tune(model_args, finetuning_args, data_args, training_args: TrainingArg
             f"({_size(train)}, {len(names)} classes); evaluated on its validation split.",
         },
     )
-    return train_and_evaluate(trainer, training_args, image_processor, checkpoint)
+    return trainer, image_processor
 
 
 def freeze_batchnorm_statistics(module: nn.Module):

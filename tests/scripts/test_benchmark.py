@@ -15,7 +15,7 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
     output_file = tmp_path / "throughput.json"
     rows = benchmark_throughput.main(
         [*TINY_MODEL_FLAGS, "--dataset_name", str(parquet_folder), "--batch_size", "4", "--steps", "2",
-         "--warmup_steps", "1", "--output_file", str(output_file)]
+         "--warmup_steps", "1", "--repeats", "1", "--output_file", str(output_file)]
     )  # fmt: skip
     measurements = [*benchmark_throughput.MODEL_STEPS, *benchmark_throughput.DATA_STEPS]
     assert [(row["grid"], row["measurement"]) for row in rows] == [
@@ -42,9 +42,14 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
         # halves; the contrastive term adds its projection head: each costs a little more, P's share the same.
         flops = [step[objective]["flops_per_image"] for objective in benchmark_throughput.OBJECTIVES]
         assert flops == sorted(set(flops)) and flops[-1] < 1.2 * flops[0]
-        assert step["script"]["ratio_to_selfie"] == pytest.approx(
-            step["script"]["images_per_second"] / step["selfie"]["images_per_second"]
-        )
+        for script, bare in benchmark_throughput.SCRIPT_STEPS.items():
+            assert step[script]["flops_per_image"] == step[bare]["flops_per_image"]
+            assert step[script]["ratio_to_step"] == pytest.approx(
+                step[script]["images_per_second"] / step[bare]["images_per_second"]
+            )
+            # The time of a step of the script that its bare step does not take, in milliseconds.
+            outside = 4 / step[script]["images_per_second"] - 4 / step[bare]["images_per_second"]
+            assert step[script]["ms_per_step_outside_model"] == pytest.approx(1000 * outside)
         for row in step.values():
             if "flops_per_image" in row:
                 assert row["tflops_per_second"] == pytest.approx(
@@ -54,12 +59,26 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
     assert "| grid" in table and "x peer" in table and table.count("imagenet224") == len(measurements)
 
 
+def test_a_measurement_reports_its_median_run_and_every_runs_rate():
+    runs = [
+        {"images_per_second": 30.0, "flops_per_image": 1.0, "peak_memory_gib": 0.5},
+        {"images_per_second": 10.0, "flops_per_image": 1.0, "peak_memory_gib": 0.75},
+        {"images_per_second": 20.0, "flops_per_image": 1.0, "peak_memory_gib": 0.25},
+    ]
+    assert benchmark_throughput.median(runs) == {
+        "images_per_second": 20.0,
+        "flops_per_image": 1.0,
+        "images_per_second_runs": [30.0, 10.0, 20.0],
+        "peak_memory_gib": 0.75,
+    }
+
+
 def test_benchmark_counts_the_flops_of_a_whole_training_step(tmp_path):
     """Forward and backward: about three times the forward pass (the backward pass computes gradients of both the
     weights and the inputs, except the inputs of the first convolution)."""
     rows = benchmark_throughput.main(
         [*TINY_MODEL_FLAGS, "--grids", "cifar10", "--measurements", "peer", "--batch_size", "2", "--steps", "1",
-         "--warmup_steps", "0", "--output_file", str(tmp_path / "throughput.json")]
+         "--warmup_steps", "0", "--repeats", "1", "--output_file", str(tmp_path / "throughput.json")]
     )  # fmt: skip
     settings = benchmark_throughput._settings(benchmark_throughput.BenchmarkArguments(**TINY_MODEL), "cifar10", "cpu")
     resnet = benchmark_throughput.create_resnet(settings.model_config())
@@ -74,12 +93,14 @@ def test_benchmark_counts_the_flops_of_a_whole_training_step(tmp_path):
     "flags, message",
     [
         (["--grids", "cifar100"], "--grids cifar100: choose among cifar10, imagenet224."),
+        (["--repeats", "0"], "--repeats 0 must be at least 1."),
+        (["--batch_size", "0"], "--batch_size 0 must be at least 1."),
+        (["--warmup_steps", "-1"], "--warmup_steps -1 must be at least 0."),
         (["--measurements", "loader", "--dataset_name", "/no/such/folder"], "--dataset_name /no/such/folder"),
     ],
 )
 def test_benchmark_refuses_bad_flags_in_one_line(flags, message, tmp_path):
+    defaults = ["--batch_size", "2", "--steps", "1", "--repeats", "1", "--output_file", str(tmp_path / "out.json")]
     with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")) as error:
-        benchmark_throughput.main(
-            [*flags, "--batch_size", "2", "--steps", "1", "--output_file", str(tmp_path / "out.json")]
-        )
+        benchmark_throughput.main([*defaults, *flags])  # the flags under test come last, and win
     assert "\n" not in str(error.value)

@@ -162,8 +162,10 @@ def test_the_partial_loads_between_heads_still_work(tmp_path, pretrained):
     )
     resnet_head.save_pretrained(tmp_path / "classifier")
     from_classifier = load_checkpoint(SelfieForMaskedPatchPrediction, str(tmp_path / "classifier"))  # A starts fresh
-    base = load_checkpoint(SelfieModel, str(tmp_path / "classifier"))
-    for model in (resnet_head, attention_head, from_classifier, base):
+    # A base model's output is the attention pooling network's, which the resnet head's checkpoint does not hold.
+    with pytest.raises(ValueError, match=r"a classifier with the 'resnet' head holds no attention pooling network"):
+        load_checkpoint(SelfieModel, str(tmp_path / "classifier"))
+    for model in (resnet_head, attention_head, from_classifier):
         state = {
             name if name.startswith("selfie.") else f"selfie.{name}": tensor
             for name, tensor in model.state_dict().items()
@@ -196,7 +198,8 @@ def test_flags_that_change_a_checkpoints_shapes_are_refused_naming_the_tensor(tm
 
 def test_another_head_on_a_classifier_needs_ignore_mismatched_sizes(tmp_path, pretrained):
     classifier = tmp_path / "classifier"
-    load_checkpoint(SelfieForImageClassification, str(pretrained), num_labels=10).save_pretrained(classifier)
+    digits = {index: str(index) for index in range(10)}  # the classes of the digits that it fine-tunes on
+    load_checkpoint(SelfieForImageClassification, str(pretrained), id2label=digits).save_pretrained(classifier)
     shutil.copy(pretrained / "preprocessor_config.json", classifier)
     with pytest.raises(
         ValueError,
