@@ -408,7 +408,8 @@ CROSS_LOADING = {
         set(),
     ),
     ("split_pretraining", "attention_head"): ({"classifier"}, {"image_contrastive"}, set()),
-    ("resnet_head", "base"): (set(A_PARTS), {"layer4", "classifier"}, set()),
+    # ("resnet_head", "base") is refused: a base model without its attention pooling network would output random
+    # features (tests/modeling_selfie/test_checkpoints.py).
     ("resnet_head", "pretraining"): ({f"selfie.{part}" for part in A_PARTS}, {"layer4", "classifier"}, set()),
     # Both heads have a classifier, of other widths (stage 4's 256 channels, A's 32).
     ("resnet_head", "attention_head"): ({f"selfie.{part}" for part in A_PARTS}, {"layer4"}, {"classifier.weight"}),
