@@ -2,9 +2,9 @@
 
 import json
 import re
-import shutil
 
 from selfie_training import report
+from selfie_training.sweep import markdown_table
 from tests.utils import REPOSITORY
 
 
@@ -20,30 +20,28 @@ def test_the_committed_report_is_a_fresh_generation(tmp_path):
 def test_the_readme_tables_are_the_reports_rows_of_the_same_files():
     readme = report.README.read_text()
     tables = report.readme_tables()
-    assert {"cifar10-cpu", "cifar10-gpu"} <= tables.keys()
+    assert tables.keys() == {"digits", "cifar10-cpu", "cifar10-gpu"}
     for name, table in tables.items():
         assert f"<!-- report:{name} -->\n{table}\n<!-- /report:{name} -->" in readme, f"run `make report` ({name})"
     assert report.refresh_readme(readme, tables) == readme
 
 
-def test_the_digits_table_is_the_sweeps_own_once_its_file_is_committed(tmp_path):
-    results = tmp_path / "results"
-    shutil.copytree(report.RESULTS, results)
-    row = {"mean": 40.0, "std": 1.0, "runs": [39.0, 41.0]}
-    digits = {
-        "command": "make demo",
-        "environment": {"torch": "2.14.1"},
-        "results": [{"label_fraction": 0.05, "scratch": row, "selfie": {**row, "mean": 50.0}, "delta": 10.0}],
-    }
-    (results / "digits.json").write_text(json.dumps(digits))
-    table = report.readme_tables(results)["digits"]
-    assert "| 5% | 40.0 ± 1.0 | 50.0 ± 1.0 | +10.0 |" in table
-    assert table in report.report(results) and "make demo" in report.report(results)
-    readme = "<!-- report:digits -->\nold\n<!-- /report:digits -->\n"
-    assert (
-        report.refresh_readme(readme, {"digits": table})
-        == f"<!-- report:digits -->\n{table}\n<!-- /report:digits -->\n"
+def test_the_digits_table_is_the_one_the_locked_environment_printed():
+    """The README's demo table is docs/results/digits.json's, the results.json of `make demo`, which records the
+    versions it ran with: they must be the ones requirements-lock.txt installs, or the table is another
+    environment's. After `make lock`, run `make demo`, copy outputs/digits/results.json there and `make report`."""
+    digits = report.load("digits.json")
+    assert digits["command"] == "python run_sweep.py configs/digits.json"  # what `make demo` runs
+    lock = dict(
+        re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()
+        for line in (REPOSITORY / "requirements-lock.txt").read_text().splitlines()
+        if re.match(r"[A-Za-z0-9]", line)
     )
+    locked = {name.lower().replace("_", "-"): version for name, version in lock.items()}
+    recorded = {name.lower().replace("_", "-"): version for name, version in digits["environment"].items()}
+    recorded.pop("python")
+    assert recorded == {name: locked[name] for name in recorded}, "the demo ran in another environment than the lock"
+    assert f"<!-- report:digits -->\n{markdown_table(digits['results'])}\n" in report.README.read_text()
 
 
 def test_every_result_file_records_its_environment_and_the_report_shows_it():
