@@ -73,6 +73,21 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def objective_table(data: dict) -> str:
+    """Selfie's random mask beside SplitMask's split, on one recipe, against the same scratch runs."""
+    lines = [
+        "| labelled | seeds | supervised (scratch) | Selfie's random mask | delta | SplitMask's split | delta |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["results"]:
+        lines.append(
+            f"| {row['label_fraction']:.0%} | {seed_range(row['seeds'])} | {mean_std(row['scratch'])} | "
+            f"{mean_std(row['selfie_random_mask'])} | {row['delta']:+.1f} | {mean_std(row['selfie_split'])} | "
+            f"{row['split_delta']:+.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def cifar10_cpu_rows(data: dict) -> list[dict]:
     return sorted(data["results"].values(), key=lambda row: (row["label_fraction"], len(row["seeds"])))
 
@@ -94,6 +109,7 @@ def readme_tables(results: Path = RESULTS) -> dict[str, str]:
     """The README's results tables, by marker name."""
     tables = {"digits": markdown_table(load("digits.json", results)["results"])}
     tables["cifar10-cpu"] = comparison_table(cifar10_cpu_rows(load("cifar10-cpu-config-aligned.json", results)))
+    tables["objectives"] = objective_table(load("cifar10-cpu-random-mask.json", results))
     tables["cifar10-gpu"] = comparison_table(cifar10_gpu_rows(load("cifar10-gpu-short.json", results)))
     return tables
 
@@ -172,6 +188,23 @@ OBJECTIVES = (
     ("split-and-match + InfoNCE, weight 0.1", "cifar10-cpu-objectives.json", "split_contrastive_weight_0.1", 6),
     ("split-and-match + InfoNCE, weight 0.5", "cifar10-cpu-objectives.json", "split_contrastive", 6),
 )
+
+
+def random_mask_section(results: Path) -> list[str]:
+    data = load("cifar10-cpu-random-mask.json", results)
+    accuracy = data["pretraining"]["validation_candidate_accuracy_by_epoch"]
+    return [
+        "## CIFAR-10: Selfie's own objective on the recipe (two CPU cores)",
+        "",
+        objective_table(data),
+        "",
+        f"Validation candidate accuracy of the random mask's pretraining, epochs 1-{len(accuracy)} (4 candidates): "
+        + ", ".join(f"{value:.1f}%" for value in accuracy)
+        + ".",
+        "",
+        source("cifar10-cpu-random-mask.json", data),
+        "",
+    ]
 
 
 def objectives_section(results: Path) -> list[str]:
@@ -256,6 +289,7 @@ def report(results: Path = RESULTS) -> str:
         "",
         *digits_section(results),
         *cifar10_cpu_section(results),
+        *random_mask_section(results),
         *objectives_section(results),
         *cifar10_gpu_section(results),
         *index_section(results),

@@ -13,4 +13,4 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
     assert (tmp_path / "selfie-cifar10-classifier" / "model.safetensors").is_file()
-    assert (tmp_path / "selfie-resnet.safetensors").is_file()  # the timm export
+    assert (tmp_path / "selfie-p.safetensors").is_file()  # the timm export, which timm loaded strictly

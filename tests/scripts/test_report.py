@@ -20,7 +20,7 @@ def test_the_committed_report_is_a_fresh_generation(tmp_path):
 def test_the_readme_tables_are_the_reports_rows_of_the_same_files():
     readme = report.README.read_text()
     tables = report.readme_tables()
-    assert tables.keys() == {"digits", "cifar10-cpu", "cifar10-gpu"}
+    assert tables.keys() == {"digits", "cifar10-cpu", "objectives", "cifar10-gpu"}
     for name, table in tables.items():
         assert f"<!-- report:{name} -->\n{table}\n<!-- /report:{name} -->" in readme, f"run `make report` ({name})"
     assert report.refresh_readme(readme, tables) == readme
