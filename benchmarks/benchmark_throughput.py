@@ -137,6 +137,13 @@ class BenchmarkArguments:
         default=None,
         metadata={"help": "DataLoader workers. Default: all cores but one on CUDA (16 at most), 1 on CPU."},
     )
+    resident_images: bool = field(
+        default=True,
+        metadata={
+            "help": "The scripts' --resident_images: False times their per-image pipeline with workers, for a "
+            "dataset that fits in memory."
+        },
+    )
     output_file: str = field(
         default="outputs/benchmark_throughput.json", metadata={"help": "Where to write the JSON."}
     )
@@ -407,6 +414,7 @@ def _script_flags(settings: Settings, output_dir: str) -> list[str]:
         "--bf16", str(settings.device == "cuda"),
         "--channels_last", str(settings.channels_last),
         "--torch_compile", str(args.torch_compile),
+        "--resident_images", str(args.resident_images),
     ]  # fmt: skip
     for name in ("dataset_name", "backbone_kwargs", "config_overrides"):
         if getattr(args, name) is not None:
