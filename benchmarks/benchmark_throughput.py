@@ -17,7 +17,7 @@ the 7x7 stem), at the same batch size and precision, it measures
     transform   decoding and the training transforms
     loader      the training DataLoader: its workers, decoding, transforms, masks and collation
 
-and reports images/s (the median of --repeats runs, each of them beside it), the ratio to the peer, each script's
+and reports images/s (the median of --repeats runs, made round after round, each of them beside it), the ratio to the peer, each script's
 ratio to its bare step and the milliseconds per step that it spends outside the model (data, optimizer, schedule,
 bookkeeping), FLOPs per image of a training step (forward and backward, counted by `torch.utils.flop_counter`), the
 TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on the CPU in float32; with
@@ -212,12 +212,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for grid in args.grids:
         settings = _settings(args, grid, device["type"])
         report["precision"] = precision + (", channels_last" if settings.channels_last else "")
-        for measurement in args.measurements:
-            logger.info("%s: measuring %s (batch %d)", grid, measurement, settings.batch_size)
-            runs = [in_own_process(MEASUREMENTS[measurement], settings) for _ in range(args.repeats)]
-            rows.append({"grid": grid, "measurement": measurement, "batch_size": settings.batch_size, **median(runs)})
-            _add_ratios(rows)
-            save_json(args.output_file, {**report, "results": rows})  # after each: a failure later loses nothing
+        runs = {measurement: [] for measurement in args.measurements}
+        # Round after round of every measurement, so that a drift of the machine's speed weighs on each alike.
+        for repeat in range(1, args.repeats + 1):
+            for measurement in args.measurements:
+                logger.info(
+                    "%s: measuring %s (batch %d), run %d of %d",
+                    *(grid, measurement, settings.batch_size, repeat, args.repeats),
+                )
+                runs[measurement].append(in_own_process(MEASUREMENTS[measurement], settings))
+            grid_rows = [
+                {"grid": grid, "measurement": measurement, "batch_size": settings.batch_size, **median(done)}
+                for measurement, done in runs.items()
+            ]
+            _add_ratios(rows + grid_rows)
+            save_json(args.output_file, {**report, "results": rows + grid_rows})  # a failure later loses nothing
+        rows += grid_rows
     print(f"\n{device['name']}, torch {torch.__version__}, {report['precision']}; written to {args.output_file}\n")
     print(format_table(rows))
     return rows
