@@ -19,7 +19,7 @@ from .data import (
 )
 from .errors import UserError
 from .metrics import compute_accuracy, top_classes
-from .resident_images import image_pipeline
+from .resident_images import ImageSplits, image_pipeline
 from .runner import (
     ModelArguments,
     build_config,
@@ -202,16 +202,15 @@ def build_trainer(model_args, finetuning_args, data_args, training_args: Trainin
     if finetuning_args.freeze_pretrained_batchnorm:
         freeze_batchnorm_statistics(model.selfie.patch_network)
 
-    pipeline = image_pipeline(
+    image_splits = ImageSplits(
         train,
         validation,
         image_column,
         image_processor,
-        data_args,
-        training_args,
         label_column=label_column,
         trivial_augment=finetuning_args.trivial_augment,
     )
+    pipeline = image_pipeline(image_splits, data_args, training_args)
     trainer = ClassificationTrainer(
         model=model,
         args=training_args,

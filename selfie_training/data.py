@@ -525,6 +525,30 @@ class GridAlignedResizedCrop(v2.RandomResizedCrop):
         return params
 
 
+class CentreCrop(torch.nn.Module):
+    """The image processor's centre crop (`transformers.image_transforms.center_crop`) of a PIL image: half of each
+    margin, rounded down, is cut before the crop. torchvision's `CenterCrop` rounds half a margin to the nearest
+    integer, a pixel further down or right for margins of 3, 7, 11, ...; an image smaller than the crop is padded as
+    torchvision pads it."""
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        (height, width), (width_in, height_in) = self.size, image.size
+        if height_in < height or width_in < width:
+            return v2.functional.center_crop(image, list(self.size))
+        return v2.functional.crop(image, (height_in - height) // 2, (width_in - width) // 2, height, width)
+
+
+def evaluation_image(processor: BitImageProcessor) -> v2.Compose:
+    """PIL image -> uint8 tensor as the image processor sizes it for evaluation: the shortest edge resized (with PIL,
+    bilinear) and the centre cropped."""
+    size = (processor.crop_size["height"], processor.crop_size["width"])
+    return v2.Compose([v2.Resize(processor.size["shortest_edge"]), CentreCrop(size), v2.ToImage()])
+
+
 # The share of an image that a pretraining crop keeps, at least, for small images and for the rest (see
 # `image_transform`).
 SMALL_IMAGE_CROP_SCALE = (0.5, 1.0)
@@ -549,7 +573,7 @@ def image_transform(
     `trivial_augment` (fine-tuning): TrivialAugment after the crop and flip, on the uint8 image."""
     size = (processor.crop_size["height"], processor.crop_size["width"])
     if not train:
-        steps = [v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()]
+        steps = [evaluation_image(processor)]
     elif patch_grid is not None:
         scale = SMALL_IMAGE_CROP_SCALE if max(size) <= 64 else LARGE_IMAGE_CROP_SCALE
         steps = [v2.ToImage(), GridAlignedResizedCrop(size, patch_grid, scale), v2.RandomHorizontalFlip()]

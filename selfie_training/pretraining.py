@@ -22,7 +22,7 @@ from .errors import UserError
 from .evaluation import BatchNormRecalibration, KNNMonitorArguments, build_knn_monitor
 from .metrics import compute_candidate_accuracy, image_candidate_hits
 from .model_card import describe_objective
-from .resident_images import image_pipeline
+from .resident_images import ImageSplits, image_pipeline
 from .runner import (
     ModelArguments,
     build_config,
@@ -121,16 +121,15 @@ def build_trainer(args: list[str] | None = None) -> tuple:
         train_norm_layers_only(model)
 
     eval_transform = image_transform(image_processor, train=False)
-    pipeline = image_pipeline(
+    image_splits = ImageSplits(
         splits["train"],
         splits["validation"],
         image_column,
         image_processor,
-        data_args,
-        training_args,
         patch_grid=config.grid_size,
         mask_sizes=(config.num_patches, config.num_masked_patches),
     )
+    pipeline = image_pipeline(image_splits, data_args, training_args)
     trainer = PretrainingTrainer(
         model=model,
         args=training_args,

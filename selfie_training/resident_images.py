@@ -6,6 +6,7 @@ images decoded and transformed one by one in DataLoader workers), which streamed
 datasets and the options that transform images one by one take."""
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from .data import (
     DataArguments,
     RandomStream,
     collate_images,
+    evaluation_image,
     image_transform,
     read_image,
     unreadable_note,
@@ -111,63 +113,54 @@ def take_batch(batch: dict) -> dict:
     return batch
 
 
-def image_pipeline(
-    train,
-    validation,
-    image_column: str,
-    processor: BitImageProcessor,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    label_column: str | None = None,
-    patch_grid: tuple[int, int] | None = None,
-    mask_sizes: tuple[int, int] | None = None,
-    trivial_augment: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class ImageSplits:
+    """What a run's image pipeline reads and makes: its training and evaluation splits, their image and label columns
+    (no label column for pretraining), the image processor, and the training transform's `patch_grid` and
+    `trivial_augment` (`data.image_transform`); `mask_sizes` (`num_patches`, `num_masked_patches`) draws a mask for
+    every image of both splits."""
+
+    train: object
+    validation: object
+    image_column: str
+    processor: BitImageProcessor
+    label_column: str | None = None
+    patch_grid: tuple[int, int] | None = None
+    mask_sizes: tuple[int, int] | None = None
+    trivial_augment: bool = False
+
+
+def image_pipeline(splits: ImageSplits, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """The Trainer's `train_dataset`, `eval_dataset`, `data_collator`, `data_stream` and `eval_stream` (evaluation's
-    masks, with `mask_sizes`): resident images (`resident_pipeline`) where --resident_images allows them and the data
-    fit, else the per-image path. `patch_grid`, `trivial_augment`: the training transform's (`data.image_transform`)."""
-    reason = _per_image_reason(train, validation, data_args, trivial_augment)
+    masks): resident images (`resident_pipeline`) where --resident_images allows them and the data fit, else the
+    per-image path."""
+    reason = _per_image_reason(splits, data_args)
     if reason is None:
         try:
-            return resident_pipeline(
-                train, validation, image_column, processor, training_args, label_column, patch_grid, mask_sizes
-            )
+            return resident_pipeline(splits, training_args)
         except NotResident as error:
             reason = str(error)
     logger.info("Images decoded and transformed one by one in DataLoader workers: %s.", reason)
-    return per_image_pipeline(
-        train, validation, image_column, processor, data_args, training_args, label_column, patch_grid, mask_sizes,
-        trivial_augment,
-    )  # fmt: skip
+    return per_image_pipeline(splits, data_args, training_args)
 
 
-def per_image_pipeline(
-    train,
-    validation,
-    image_column: str,
-    processor: BitImageProcessor,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    label_column: str | None = None,
-    patch_grid: tuple[int, int] | None = None,
-    mask_sizes: tuple[int, int] | None = None,
-    trivial_augment: bool = False,
-) -> dict:
+def per_image_pipeline(splits: ImageSplits, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """`image_pipeline`'s datasets transformed image by image as they are read (`data.with_image_transform`), each
     batch's random draws from a `data.RandomStream`."""
     train_stream = RandomStream(training_args.seed)
-    eval_stream = RandomStream(training_args.seed) if mask_sizes is not None else None
+    eval_stream = RandomStream(training_args.seed) if splits.mask_sizes is not None else None
     train_transform = image_transform(
-        processor, train=True, channel_drop_prob=data_args.channel_drop_prob, patch_grid=patch_grid,
-        trivial_augment=trivial_augment,
+        splits.processor, train=True, channel_drop_prob=data_args.channel_drop_prob, patch_grid=splits.patch_grid,
+        trivial_augment=splits.trivial_augment,
     )  # fmt: skip
-    eval_transform = image_transform(processor, train=False)
+    eval_transform = image_transform(splits.processor, train=False)
+    columns = {"image_column": splits.image_column, "label_column": splits.label_column}
     return {
         "train_dataset": with_image_transform(
-            train, train_transform, image_column, label_column, stream=train_stream, mask_sizes=mask_sizes
+            splits.train, train_transform, **columns, stream=train_stream, mask_sizes=splits.mask_sizes
         ),
         "eval_dataset": with_image_transform(
-            validation, eval_transform, image_column, label_column, stream=eval_stream, mask_sizes=mask_sizes
+            splits.validation, eval_transform, **columns, stream=eval_stream, mask_sizes=splits.mask_sizes
         ),
         "data_collator": collate_images,
         "data_stream": train_stream,
@@ -175,54 +168,47 @@ def per_image_pipeline(
     }
 
 
-def _per_image_reason(train, validation, data_args: DataArguments, trivial_augment: bool) -> str | None:
+def _per_image_reason(splits: ImageSplits, data_args: DataArguments) -> str | None:
     """Why the run must take the per-image path whatever its data hold, or None."""
     if not data_args.resident_images:
         return "--resident_images False"
-    if isinstance(train, IterableDataset) or isinstance(validation, IterableDataset):
+    if isinstance(splits.train, IterableDataset) or isinstance(splits.validation, IterableDataset):
         return "--streaming reads the images as they come"
-    if trivial_augment:
+    if splits.trivial_augment:
         return "--trivial_augment transforms images one by one"
     if data_args.channel_drop_prob > 0:
         return "--channel_drop_prob transforms images one by one"
     return None
 
 
-def resident_pipeline(
-    train,
-    validation,
-    image_column: str,
-    processor: BitImageProcessor,
-    training_args: TrainingArguments,
-    label_column: str | None = None,
-    patch_grid: tuple[int, int] | None = None,
-    mask_sizes: tuple[int, int] | None = None,
-) -> dict:
+def resident_pipeline(splits: ImageSplits, training_args: TrainingArguments) -> dict:
     """`image_pipeline`'s datasets as `ResidentImages` on the training device: the training images decoded as they
     are (or with their shortest edge resized, for the padded crops of small images) and augmented by batch as
     `data.image_transform` augments each image; the evaluation images decoded, resized and centre-cropped at load,
     as the evaluation transform does. The training split only where the run trains. Raises `NotResident` where the
     training images differ in size or the splits hold more than `RESIDENT_BYTES`."""
     device = training_args.device
+    processor = splits.processor
     size = (processor.crop_size["height"], processor.crop_size["width"])
     normalize = Normalize(processor.image_mean, processor.image_std, device)
     train_stream = DeviceStream(training_args.seed, device)
-    budget = RESIDENT_BYTES
+    columns, budget = (splits.image_column, splits.label_column), RESIDENT_BYTES
     train_images = None
     if training_args.do_train:
-        load, augment = training_augmentation(size, patch_grid)
-        images, labels, unreadable = decode_split(train, image_column, label_column, load, budget, "training")
+        load, augment = training_augmentation(size, splits.patch_grid)
+        images, labels, unreadable = decode_split(splits.train, *columns, load, budget, "training")
         if isinstance(augment, PaddedRandomCrops) and not augment.fits(images.shape[2:]):
             raise NotResident(f"its training images of {tuple(images.shape[2:])} pixels are smaller than the crop")
         budget -= images.numel()
         train_images = ResidentImages(
-            images.to(device), _to(labels, device), normalize, augment, train_stream, mask_sizes, unreadable
+            images.to(device), _to(labels, device), normalize, augment, train_stream, splits.mask_sizes, unreadable
         )
-    load = v2.Compose([v2.Resize(processor.size["shortest_edge"]), v2.CenterCrop(size), v2.ToImage()])
-    images, labels, unreadable = decode_split(validation, image_column, label_column, load, budget, "evaluation")
-    eval_stream = DeviceStream(training_args.seed, device) if mask_sizes is not None else None
+    images, labels, unreadable = decode_split(
+        splits.validation, *columns, evaluation_image(processor), budget, "evaluation"
+    )
+    eval_stream = DeviceStream(training_args.seed, device) if splits.mask_sizes is not None else None
     eval_images = ResidentImages(
-        images.to(device), _to(labels, device), normalize, None, eval_stream, mask_sizes, unreadable
+        images.to(device), _to(labels, device), normalize, None, eval_stream, splits.mask_sizes, unreadable
     )
     megabytes = sum(split.images.numel() for split in (train_images, eval_images) if split is not None) / 1e6
     logger.info(

@@ -128,9 +128,12 @@ def test_images_of_any_mode_and_size_become_normalised_rgb_tensors(mode, train):
     assert -3 < pixel_values.mean() < 3
 
 
-def test_evaluation_transform_matches_the_image_processor():
+# Resized to 256 x 341, 259 x 256 and 256 x 259: margins of 117 and 35 pixels, whose halves torchvision's CenterCrop
+# rounds to 58 and 18, and the image processor to 58 and 17.
+@pytest.mark.parametrize("height_width", [(300, 400), (304, 300), (300, 304)])
+def test_evaluation_transform_matches_the_image_processor(height_width):
     processor = preset_image_processor("imagenet224")
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (*height_width, 3), dtype=np.uint8))
     ours = image_transform(processor, train=False)(image)
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, 224, 224)

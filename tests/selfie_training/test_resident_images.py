@@ -32,7 +32,7 @@ from selfie_training.data import (
     collate_images,
     image_transform,
 )
-from selfie_training.resident_images import DeviceStream, ResidentImages, image_pipeline, take_batch
+from selfie_training.resident_images import DeviceStream, ImageSplits, ResidentImages, image_pipeline, take_batch
 from tests.selfie_training.test_bad_images import write_bad_files
 from tests.utils import TINY_MODEL_FLAGS, class_images, fine_tune, pretrain
 
@@ -175,7 +175,8 @@ def pipeline(tmp_path, train: Dataset, data_args: DataArguments | None = None, *
     training_args = TrainingArguments(output_dir=str(tmp_path), report_to="none", do_train=True)
     processor = preset_image_processor("imagenet32")
     data_args = data_args or DataArguments()
-    return image_pipeline(train, labelled(seed=1), "image", processor, data_args, training_args, "label", **kwargs)
+    splits = ImageSplits(train, labelled(seed=1), "image", processor, "label", **kwargs)
+    return image_pipeline(splits, data_args, training_args)
 
 
 def test_evaluation_batches_are_those_of_the_evaluation_transform(tmp_path):
