@@ -26,10 +26,12 @@ its own, so that its peak memory and compiled code are its own. The table comes 
 settings and the package versions.
 """
 
+import functools
 import logging
 import multiprocessing
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +39,6 @@ import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -234,10 +235,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def median(runs: list[dict]) -> dict:
-    """The run of median images/s, with every run's images/s and the largest peak memory beside it."""
+    """The run of median images/s, with every run's images/s and the largest peak memory beside it; a script's
+    in-process figures, the median of every run's."""
     rates = [run["images_per_second"] for run in runs]
     middle = sorted(runs, key=lambda run: run["images_per_second"])[(len(runs) - 1) // 2]
-    return {**middle, "images_per_second_runs": rates, "peak_memory_gib": max(run["peak_memory_gib"] for run in runs)}
+    result = {
+        **middle,
+        "images_per_second_runs": rates,
+        "peak_memory_gib": max(run["peak_memory_gib"] for run in runs),
+    }
+    for key in ("in_process_ratio_to_step", "in_process_ms_per_step_outside_model"):  # a script's, on the CPU
+        if key in middle:
+            result[key] = statistics.median(run[key] for run in runs)
+            result[f"{key}_runs"] = [run[key] for run in runs]
+    return result
 
 
 def _settings(args: BenchmarkArguments, grid: str, device: str) -> Settings:
@@ -387,23 +398,31 @@ def measure_script(settings: Settings) -> dict:
     """run_pretraining.py's Trainer on real images: its data pipeline (workers, decoding, transforms, masks), the
     Trainer's step (optimizer, gradient clipping, learning-rate schedule) and its bookkeeping, timed from the end of
     the warm-up steps to the end of the last step."""
-    timer = StepTimer(settings.warmup_steps, settings.device)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, *_ = pretraining.build_trainer(_script_flags(settings, output_dir))
-        trainer.add_callback(timer)
-        trainer.train()
-    return {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
+        return _time_script(trainer, settings)
 
 
 def measure_finetune_script(settings: Settings) -> dict:
     """run_image_classification.py's Trainer on real labelled images, from fresh weights (a pretrained checkpoint's
     step is the same), timed as `measure_script` times pretraining."""
-    timer = StepTimer(settings.warmup_steps, settings.device)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer, _ = classification.build_trainer(*classification.parse(_script_flags(settings, output_dir)))
-        trainer.add_callback(timer)
-        trainer.train()
-    return {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
+        return _time_script(trainer, settings)
+
+
+def _time_script(trainer, settings: Settings) -> dict:
+    """Train with a `StepTimer`: images/s, and on the CPU the milliseconds a step spent outside the model's own step
+    and the model's share of the step, both measured in this process (`StepTimer.model_seconds`)."""
+    timer = StepTimer(settings.warmup_steps, settings.device)
+    trainer.add_callback(timer)
+    trainer.training_step = timer.in_model(trainer.training_step)
+    trainer.train()
+    result = {"images_per_second": settings.batch_size * settings.steps / timer.seconds, **_compile_report(settings)}
+    if timer.model_seconds is not None:
+        result["in_process_ratio_to_step"] = timer.model_seconds / timer.seconds
+        result["in_process_ms_per_step_outside_model"] = 1000 * (timer.seconds - timer.model_seconds) / settings.steps
+    return result
 
 
 def _script_flags(settings: Settings, output_dir: str) -> list[str]:
@@ -433,14 +452,43 @@ def _script_flags(settings: Settings, output_dir: str) -> list[str]:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time from the end of training step `warmup_steps` to the end of the last step."""
+    """Wall time from the end of training step `warmup_steps` to the end of the last step. On the CPU, where each
+    operation ends before the next begins, also `model_seconds`: the part of that time spent in what the bare step
+    does (the Trainer's `training_step`, forward and backward, wrapped with `in_model`; the optimizer's step), so
+    that the rest is the loop's own cost measured in the same steps, whatever the machine's speed does meanwhile. On
+    CUDA the host runs ahead of the device, and timing parts of a step would need synchronisations that change it."""
 
     def __init__(self, warmup_steps: int, device: str):
         self.warmup_steps, self.device = warmup_steps, device
-        self.start = self.seconds = None
+        self.start = self.seconds = self.optimizer_start = None
+        self.model_seconds = 0.0 if device == "cpu" else None
+
+    def in_model(self, function):
+        """`function`, its time added to `model_seconds` once the warm-up steps are done."""
+        if self.model_seconds is None:
+            return function
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if self.start is not None:
+                    self.model_seconds += time.perf_counter() - start
+
+        return timed
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()  # for no warm-up steps
+        if self.warmup_steps == 0:
+            self.start = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # which the Trainer calls after the step
+        if self.model_seconds is not None and self.start is not None:
+            self.model_seconds += time.perf_counter() - self.optimizer_start
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.warmup_steps:
@@ -510,7 +558,7 @@ def measure_loader(settings: Settings) -> dict:
 
 MEASUREMENTS = {
     "peer": measure_peer,
-    **{objective: partial(measure_selfie, objective=objective) for objective in OBJECTIVES},
+    **{objective: functools.partial(measure_selfie, objective=objective) for objective in OBJECTIVES},
     "script": measure_script,
     "finetune": measure_finetune,
     "finetune_script": measure_finetune_script,
@@ -573,8 +621,8 @@ def _peak_memory(baseline_kib: int) -> float:
 
 
 def _add_ratios(rows: list[dict]):
-    """Images/s over the peer's; each script's images/s over its bare step's, and the time per step it spends
-    outside the model; TFLOP/s (a script counts as many FLOPs as its bare step)."""
+    """Images/s over the peer's; each script's images/s over its bare step's (medians, and round by round), and the
+    time per step it spends outside the model; TFLOP/s (a script counts as many FLOPs as its bare step)."""
     by_key = {(row["grid"], row["measurement"]): row for row in rows}
     for row in rows:
         peer = by_key.get((row["grid"], "peer"))
@@ -584,6 +632,9 @@ def _add_ratios(rows: list[dict]):
         if step is not None:
             row["flops_per_image"] = step["flops_per_image"]
             row["ratio_to_step"] = row["images_per_second"] / step["images_per_second"]
+            # Round by round, the script's run over its step's run of the same round: the spread of the ratio.
+            rounds = zip(row["images_per_second_runs"], step["images_per_second_runs"], strict=True)
+            row["ratio_to_step_runs"] = [script / bare for script, bare in rounds]
             seconds_per_image = 1 / row["images_per_second"] - 1 / step["images_per_second"]
             row["ms_per_step_outside_model"] = 1000 * row["batch_size"] * seconds_per_image
         if "flops_per_image" in row:

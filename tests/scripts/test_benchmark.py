@@ -47,6 +47,14 @@ def test_benchmark_measures_every_step_on_both_grids(parquet_folder, tmp_path, c
             assert step[script]["ratio_to_step"] == pytest.approx(
                 step[script]["images_per_second"] / step[bare]["images_per_second"]
             )
+            assert step[script]["ratio_to_step_runs"] == pytest.approx([step[script]["ratio_to_step"]])  # one round
+            # In the script's own process, the share of its steps spent in the model's step, and the rest.
+            ratio, outside = (
+                step[script]["in_process_ratio_to_step"],
+                step[script]["in_process_ms_per_step_outside_model"],
+            )
+            assert 0 < ratio < 1 and outside > 0
+            assert outside == pytest.approx(1000 * (1 - ratio) * 4 / step[script]["images_per_second"])
             # The time of a step of the script that its bare step does not take, in milliseconds.
             outside = 4 / step[script]["images_per_second"] - 4 / step[bare]["images_per_second"]
             assert step[script]["ms_per_step_outside_model"] == pytest.approx(1000 * outside)
@@ -71,6 +79,34 @@ def test_a_measurement_reports_its_median_run_and_every_runs_rate():
         "images_per_second_runs": [30.0, 10.0, 20.0],
         "peak_memory_gib": 0.75,
     }
+
+
+def test_a_scripts_in_process_figures_are_the_median_of_its_runs():
+    runs = [
+        {"images_per_second": rate, "peak_memory_gib": 0.5, "in_process_ratio_to_step": ratio,
+         "in_process_ms_per_step_outside_model": outside}
+        for rate, ratio, outside in ((30.0, 0.99, 1.0), (10.0, 0.9, 9.0), (20.0, 0.95, 4.0))
+    ]  # fmt: skip
+    summary = benchmark_throughput.median(runs)
+    assert summary["images_per_second"] == 20.0
+    assert summary["in_process_ratio_to_step"] == 0.95 and summary["in_process_ratio_to_step_runs"] == [
+        0.99,
+        0.9,
+        0.95,
+    ]
+    assert summary["in_process_ms_per_step_outside_model"] == 4.0
+
+
+def test_a_scripts_ratio_to_its_step_is_taken_round_by_round_too():
+    rows = [
+        {"grid": "cifar10", "measurement": "finetune", "batch_size": 4, "images_per_second": 20.0,
+         "images_per_second_runs": [20.0, 10.0, 40.0], "flops_per_image": 1.0},
+        {"grid": "cifar10", "measurement": "finetune_script", "batch_size": 4, "images_per_second": 19.0,
+         "images_per_second_runs": [19.0, 11.0, 30.0]},
+    ]  # fmt: skip
+    benchmark_throughput._add_ratios(rows)
+    assert rows[1]["ratio_to_step"] == pytest.approx(19 / 20)  # the medians'
+    assert rows[1]["ratio_to_step_runs"] == pytest.approx([19 / 20, 11 / 10, 30 / 40])
 
 
 def test_benchmark_counts_the_flops_of_a_whole_training_step(tmp_path):
