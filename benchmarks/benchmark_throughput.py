@@ -413,8 +413,11 @@ def measure_finetune_script(settings: Settings) -> dict:
 
 def _time_script(trainer, settings: Settings) -> dict:
     """Train with a `StepTimer`: images/s, and on the CPU the milliseconds a step spent outside the model's own step
-    and the model's share of the step, both measured in this process (`StepTimer.model_seconds`)."""
-    timer = StepTimer(settings.warmup_steps, settings.device)
+    and the model's share of the step, both measured in this process (`StepTimer.model_seconds`). Not with
+    DataLoader workers, which share the cores with the model: the time their work takes from the model's step would
+    count as the model's."""
+    split = settings.device == "cpu" and trainer.args.dataloader_num_workers == 0  # the resident pipeline has none
+    timer = StepTimer(settings.warmup_steps, settings.device, split)
     trainer.add_callback(timer)
     trainer.training_step = timer.in_model(trainer.training_step)
     trainer.train()
@@ -452,16 +455,17 @@ def _script_flags(settings: Settings, output_dir: str) -> list[str]:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time from the end of training step `warmup_steps` to the end of the last step. On the CPU, where each
-    operation ends before the next begins, also `model_seconds`: the part of that time spent in what the bare step
-    does (the Trainer's `training_step`, forward and backward, wrapped with `in_model`; the optimizer's step), so
-    that the rest is the loop's own cost measured in the same steps, whatever the machine's speed does meanwhile. On
-    CUDA the host runs ahead of the device, and timing parts of a step would need synchronisations that change it."""
+    """Wall time from the end of training step `warmup_steps` to the end of the last step. With `split_steps` (on the
+    CPU, where each operation ends before the next begins), also `model_seconds`: the part of that time spent in what
+    the bare step does (the Trainer's `training_step`, forward and backward, wrapped with `in_model`; the optimizer's
+    step), so that the rest is the loop's own cost measured in the same steps, whatever the machine's speed does
+    meanwhile. On CUDA the host runs ahead of the device: timing parts of a step would take synchronisations that
+    change it."""
 
-    def __init__(self, warmup_steps: int, device: str):
+    def __init__(self, warmup_steps: int, device: str, split_steps: bool = False):
         self.warmup_steps, self.device = warmup_steps, device
         self.start = self.seconds = self.optimizer_start = None
-        self.model_seconds = 0.0 if device == "cpu" else None
+        self.model_seconds = 0.0 if split_steps else None
 
     def in_model(self, function):
         """`function`, its time added to `model_seconds` once the warm-up steps are done."""

@@ -81,6 +81,15 @@ def test_a_measurement_reports_its_median_run_and_every_runs_rate():
     }
 
 
+def test_no_in_process_split_of_a_script_whose_workers_share_the_cores(parquet_folder, tmp_path):
+    (row,) = benchmark_throughput.main(
+        [*TINY_MODEL_FLAGS, "--dataset_name", str(parquet_folder), "--grids", "cifar10", "--measurements",
+         "finetune_script", "--resident_images", "False", "--dataloader_num_workers", "1", "--batch_size", "4",
+         "--steps", "1", "--warmup_steps", "0", "--repeats", "1", "--output_file", str(tmp_path / "out.json")]
+    )  # fmt: skip
+    assert row["images_per_second"] > 0 and "in_process_ratio_to_step" not in row
+
+
 def test_a_scripts_in_process_figures_are_the_median_of_its_runs():
     runs = [
         {"images_per_second": rate, "peak_memory_gib": 0.5, "in_process_ratio_to_step": ratio,
