@@ -1,10 +1,11 @@
-"""Write docs/results.md, and the results tables of README.md, from the result files in docs/results/.
+"""Write docs/results.md, and the results tables of README.md and docs/performance.md, from the result files in
+docs/results/.
 
     make report        # or: python -m selfie_training.report
 
 Every figure comes from a JSON file of docs/results/, and each table names its file and the command recorded in it.
-The README's tables sit between `<!-- report:NAME -->` and `<!-- /report:NAME -->` lines; the report rewrites what
-is between them. tests/scripts/test_report.py fails when the committed report or README differ from a fresh run.
+The other documents' tables sit between `<!-- report:NAME -->` and `<!-- /report:NAME -->` lines; the report rewrites
+what is between them. tests/scripts/test_report.py fails when a committed document differs from a fresh run.
 """
 
 import json
@@ -18,6 +19,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS = REPOSITORY / "docs" / "results"
 REPORT = REPOSITORY / "docs" / "results.md"
 README = REPOSITORY / "README.md"
+PERFORMANCE = REPOSITORY / "docs" / "performance.md"
 
 
 def load(name: str, results: Path = RESULTS) -> dict | None:
@@ -112,6 +114,98 @@ def readme_tables(results: Path = RESULTS) -> dict[str, str]:
     tables["objectives"] = objective_table(load("cifar10-cpu-random-mask.json", results))
     tables["cifar10-gpu"] = comparison_table(cifar10_gpu_rows(load("cifar10-gpu-short.json", results)))
     return tables
+
+
+def loop_table(results: Path = RESULTS) -> str:
+    """Each training script against its bare step, from the whole-loop throughput files
+    (`throughput-cpu-loop-*.json`, written by benchmarks/benchmark_throughput.py)."""
+    lines = [
+        "| network | input pipeline | memory format | script | images/s (runs) | bare step | x step (rounds) | "
+        "in process: x step (runs) | in process: ms/step outside |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(results.glob("throughput-cpu-loop-*.json")):
+        data = json.loads(path.read_text())
+        arguments, by_measurement = data["arguments"], {row["measurement"]: row for row in data["results"]}
+        settings = [
+            network(arguments),
+            "resident" if arguments["resident_images"] else "per image, 1 worker",
+            "channels_last" if arguments["channels_last"] else "contiguous",
+        ]
+        for script, step, name in (
+            ("script", "selfie", "pretraining"),
+            ("finetune_script", "finetune", "fine-tuning"),
+        ):
+            row, bare = by_measurement[script], by_measurement[step]
+            runs = " / ".join(f"{rate:.0f}" for rate in row["images_per_second_runs"])
+            rounds = row["ratio_to_step_runs"]
+            lines.append(
+                f"| {' | '.join(settings)} | {name} | {row['images_per_second']:.0f} ({runs}) | "
+                f"{bare['images_per_second']:.0f} | {row['ratio_to_step']:.3f} ({spread(rounds)}) | "
+                f"{in_process(row)} |"
+            )
+    return "\n".join(lines)
+
+
+def in_process(row: dict) -> str:
+    """A script's in-process ratio to its step (with its runs' spread) and ms/step outside the model: dashes where
+    DataLoader workers shared the cores, which the benchmark cannot split."""
+    if "in_process_ratio_to_step" not in row:
+        return "— | —"
+    ratio, outside = row["in_process_ratio_to_step"], row["in_process_ms_per_step_outside_model"]
+    return f"{ratio:.3f} ({spread(row['in_process_ratio_to_step_runs'])}) | {outside:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def network(arguments: dict) -> str:
+    """A benchmark's network in a few words: its backbone, blocks per stage, channels, and attention width."""
+    kwargs = json.loads(arguments["backbone_kwargs"] or "{}")
+    overrides = dict(item.split("=") for item in (arguments["config_overrides"] or "").split(",") if item)
+    words = [arguments["backbone"]]
+    words += ["-".join(map(str, kwargs["layers"])) + " blocks"] if "layers" in kwargs else []
+    words += [f"channels {kwargs['channels'][0]}-{kwargs['channels'][-1]}"] if "channels" in kwargs else []
+    words += [f"width {overrides['hidden_size']}"] if "hidden_size" in overrides else []
+    return ", ".join(words)
+
+
+GRIDS = {"cifar10": "32x32", "imagenet224": "224x224"}
+
+
+def step_table(data: dict) -> str:
+    """A benchmark's steps against the supervised peer's, grid by grid, and its data pipeline on one line."""
+    lines = [
+        "| grid | measurement | images/s | x peer | GFLOP/image | TFLOP/s | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for grid, size in GRIDS.items():
+        rows = {row["measurement"]: row for row in data["results"] if row["grid"] == grid}
+        for name, row in rows.items():
+            if name in ("decode", "transform", "loader"):
+                continue
+            ratio = f"{row['ratio_to_peer']:.2f}"
+            if "ratio_to_step" in row:
+                ratio += f" ({row['ratio_to_step']:.2f}x its step)"
+            lines.append(
+                f"| {size} | {name} | {row['images_per_second']:.1f} | {ratio} | {row['flops_per_image'] / 1e9:.2f} | "
+                f"{row['tflops_per_second']:.3f} | {row['peak_memory_gib']:.2f} |"
+            )
+        if data_rows := [rows[name] for name in ("decode", "transform", "loader") if name in rows]:
+            rates = " / ".join(f"{row['images_per_second']:,.0f}" for row in data_rows)
+            names = " / ".join(row["measurement"] for row in data_rows)
+            lines.append(f"| {size} | {names} (1 worker) | {rates} | | | | |")
+    return "\n".join(lines)
+
+
+def performance_tables(results: Path = RESULTS) -> dict[str, str]:
+    """docs/performance.md's tables, by marker name."""
+    return {"loop": loop_table(results), "step": step_table(load("throughput-cpu.json", results))}
+
+
+# Each document with marked tables, and what writes them.
+MARKED_DOCUMENTS = {README: readme_tables, PERFORMANCE: performance_tables}
 
 
 def digits_section(results: Path) -> list[str]:
@@ -297,7 +391,7 @@ def report(results: Path = RESULTS) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def refresh_readme(text: str, tables: dict[str, str]) -> str:
+def refresh_tables(text: str, tables: dict[str, str]) -> str:
     """`text` with each `<!-- report:NAME -->` block replaced by its table; blocks without a table stay as they are."""
     for name, table in tables.items():
         start, end = f"<!-- report:{name} -->\n", f"\n<!-- /report:{name} -->"
@@ -309,10 +403,12 @@ def refresh_readme(text: str, tables: dict[str, str]) -> str:
 def main(args: list[str] | None = None):
     args = sys.argv[1:] if args is None else args
     if args:
-        raise SystemExit("usage: python -m selfie_training.report (writes docs/results.md and README.md's tables)")
+        raise SystemExit("usage: python -m selfie_training.report (writes docs/results.md and the marked tables)")
     REPORT.write_text(report())
-    README.write_text(refresh_readme(README.read_text(), readme_tables()))
-    print(f"Written: {REPORT.relative_to(REPOSITORY)}, the results tables of {README.relative_to(REPOSITORY)}")
+    for document, tables in MARKED_DOCUMENTS.items():
+        document.write_text(refresh_tables(document.read_text(), tables()))
+    names = " and ".join(str(document.relative_to(REPOSITORY)) for document in MARKED_DOCUMENTS)
+    print(f"Written: {REPORT.relative_to(REPOSITORY)}, the results tables of {names}")
 
 
 if __name__ == "__main__":

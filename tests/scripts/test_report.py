@@ -23,7 +23,15 @@ def test_the_readme_tables_are_the_reports_rows_of_the_same_files():
     assert tables.keys() == {"digits", "cifar10-cpu", "objectives", "cifar10-gpu"}
     for name, table in tables.items():
         assert f"<!-- report:{name} -->\n{table}\n<!-- /report:{name} -->" in readme, f"run `make report` ({name})"
-    assert report.refresh_readme(readme, tables) == readme
+    assert report.refresh_tables(readme, tables) == readme
+
+
+def test_the_performance_tables_are_the_benchmarks_files():
+    performance = report.PERFORMANCE.read_text()
+    loop = report.performance_tables()["loop"]
+    files = sorted(report.RESULTS.glob("throughput-cpu-loop-*.json"))
+    assert len(loop.splitlines()) == 2 + 2 * len(files) > 2  # a pretraining and a fine-tuning row a file
+    assert report.refresh_tables(performance, report.performance_tables()) == performance, "run `make report`"
 
 
 def test_the_digits_table_is_the_one_the_locked_environment_printed():
