@@ -124,8 +124,10 @@ def loop_table(results: Path = RESULTS) -> str:
         "in process: x step (runs) | in process: ms/step outside |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(results.glob("throughput-cpu-loop-*.json")):
-        data = json.loads(path.read_text())
+    files = [json.loads(path.read_text()) for path in results.glob("throughput-cpu-loop-*.json")]
+    # Network by network, the resident pipeline first, the default memory format first.
+    files.sort(key=lambda data: (data["arguments"]["backbone_kwargs"] or "", *loop_settings(data["arguments"])))
+    for data in files:
         arguments, by_measurement = data["arguments"], {row["measurement"]: row for row in data["results"]}
         settings = [
             network(arguments),
@@ -145,6 +147,10 @@ def loop_table(results: Path = RESULTS) -> str:
                 f"{in_process(row)} |"
             )
     return "\n".join(lines)
+
+
+def loop_settings(arguments: dict) -> tuple[bool, bool]:
+    return not arguments["resident_images"], arguments["channels_last"]
 
 
 def in_process(row: dict) -> str:
