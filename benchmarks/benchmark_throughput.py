@@ -17,13 +17,13 @@ the 7x7 stem), at the same batch size and precision, it measures
     transform   decoding and the training transforms
     loader      the training DataLoader: its workers, decoding, transforms, masks and collation
 
-and reports images/s (the median of --repeats runs, made round after round, each of them beside it), the ratio to the peer, each script's
-ratio to its bare step and the milliseconds per step that it spends outside the model (data, optimizer, schedule,
-bookkeeping), FLOPs per image of a training step (forward and backward, counted by `torch.utils.flop_counter`), the
-TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on the CPU in float32; with
-channels_last weights and images on CUDA (--channels_last says otherwise). Every run of a measurement is a process of
-its own, so that its peak memory and compiled code are its own. The table comes last; the JSON holds it, the
-settings and the package versions.
+and reports images/s (the median of --repeats runs, made round after round, each of them beside it), the ratio to
+the peer, each script's ratio to its bare step and the milliseconds per step that it spends outside the model (data,
+optimizer, schedule, bookkeeping), FLOPs per image of a training step (forward and backward, counted by
+`torch.utils.flop_counter`), the TFLOP/s achieved, and peak memory. On CUDA the steps run under bf16 autocast, on
+the CPU in float32; with channels_last weights and images on CUDA (--channels_last says otherwise). Every run of a
+measurement is a process of its own, so that its peak memory and compiled code are its own. The table comes last;
+the JSON holds it, the settings and the package versions.
 """
 
 import functools

@@ -406,11 +406,15 @@ def _class_folders(folder: str) -> set[str]:
     return classes
 
 
+# The seeds numpy takes (`np.random.default_rng`, `Dataset.train_test_split`): [low, high).
+SEED_RANGE = (0, 2**32)
+
+
 def check_seed(flag: str, seed: int):
-    """A seed that numpy takes (`np.random.default_rng`, `Dataset.train_test_split`), refused otherwise before it
-    ends in numpy's traceback once the data is loaded."""
-    if not 0 <= seed < 2**32:
-        raise UserError(f"{flag} {seed} must be in [0, {2**32}).")
+    """A seed in `SEED_RANGE`, refused otherwise before it ends in numpy's traceback once the data is loaded."""
+    low, high = SEED_RANGE
+    if not low <= seed < high:
+        raise UserError(f"{flag} {seed} must be in [{low}, {high}).")
 
 
 def check_labels(dataset, label_column: str, names: list[str], split: str):
@@ -542,11 +546,15 @@ class CentreCrop(torch.nn.Module):
         return v2.functional.crop(image, (height_in - height) // 2, (width_in - width) // 2, height, width)
 
 
+def crop_size(processor: BitImageProcessor) -> tuple[int, int]:
+    """The height and width of the images that `processor` makes."""
+    return processor.crop_size["height"], processor.crop_size["width"]
+
+
 def evaluation_image(processor: BitImageProcessor) -> v2.Compose:
     """PIL image -> uint8 tensor as the image processor sizes it for evaluation: the shortest edge resized (with PIL,
     bilinear) and the centre cropped."""
-    size = (processor.crop_size["height"], processor.crop_size["width"])
-    return v2.Compose([v2.Resize(processor.size["shortest_edge"]), CentreCrop(size), v2.ToImage()])
+    return v2.Compose([v2.Resize(processor.size["shortest_edge"]), CentreCrop(crop_size(processor)), v2.ToImage()])
 
 
 # The share of an image that a pretraining crop keeps, at least, for small images and for the rest (see
@@ -571,7 +579,7 @@ def image_transform(
     where it lies; and aligned to the grid (`GridAlignedResizedCrop`), since unaligned resampling tells every patch
     where it lies. Both are shortcuts through the patch-placing task that evaluation images do not offer.
     `trivial_augment` (fine-tuning): TrivialAugment after the crop and flip, on the uint8 image."""
-    size = (processor.crop_size["height"], processor.crop_size["width"])
+    size = crop_size(processor)
     if not train:
         steps = [evaluation_image(processor)]
     elif patch_grid is not None:

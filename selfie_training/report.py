@@ -126,7 +126,13 @@ def loop_table(results: Path = RESULTS) -> str:
     ]
     files = [json.loads(path.read_text()) for path in results.glob("throughput-cpu-loop-*.json")]
     # Network by network, the resident pipeline first, the default memory format first.
-    files.sort(key=lambda data: (data["arguments"]["backbone_kwargs"] or "", *loop_settings(data["arguments"])))
+    files.sort(
+        key=lambda data: (
+            data["arguments"]["backbone_kwargs"] or "",
+            not data["arguments"]["resident_images"],
+            data["arguments"]["channels_last"],
+        )
+    )
     for data in files:
         arguments, by_measurement = data["arguments"], {row["measurement"]: row for row in data["results"]}
         settings = [
@@ -147,10 +153,6 @@ def loop_table(results: Path = RESULTS) -> str:
                 f"{in_process(row)} |"
             )
     return "\n".join(lines)
-
-
-def loop_settings(arguments: dict) -> tuple[bool, bool]:
-    return not arguments["resident_images"], arguments["channels_last"]
 
 
 def in_process(row: dict) -> str:
@@ -178,6 +180,7 @@ def network(arguments: dict) -> str:
 
 
 GRIDS = {"cifar10": "32x32", "imagenet224": "224x224"}
+DATA_MEASUREMENTS = ("decode", "transform", "loader")  # the input pipeline alone, shown on one line a grid
 
 
 def step_table(data: dict) -> str:
@@ -189,7 +192,7 @@ def step_table(data: dict) -> str:
     for grid, size in GRIDS.items():
         rows = {row["measurement"]: row for row in data["results"] if row["grid"] == grid}
         for name, row in rows.items():
-            if name in ("decode", "transform", "loader"):
+            if name in DATA_MEASUREMENTS:
                 continue
             ratio = f"{row['ratio_to_peer']:.2f}"
             if "ratio_to_step" in row:
@@ -198,7 +201,7 @@ def step_table(data: dict) -> str:
                 f"| {size} | {name} | {row['images_per_second']:.1f} | {ratio} | {row['flops_per_image'] / 1e9:.2f} | "
                 f"{row['tflops_per_second']:.3f} | {row['peak_memory_gib']:.2f} |"
             )
-        if data_rows := [rows[name] for name in ("decode", "transform", "loader") if name in rows]:
+        if data_rows := [rows[name] for name in DATA_MEASUREMENTS if name in rows]:
             rates = " / ".join(f"{row['images_per_second']:,.0f}" for row in data_rows)
             names = " / ".join(row["measurement"] for row in data_rows)
             lines.append(f"| {size} | {names} (1 worker) | {rates} | | | | |")

@@ -25,6 +25,7 @@ from .data import (
     DataArguments,
     RandomStream,
     collate_images,
+    crop_size,
     evaluation_image,
     image_transform,
     read_image,
@@ -189,7 +190,7 @@ def resident_pipeline(splits: ImageSplits, training_args: TrainingArguments) -> 
     training images differ in size or the splits hold more than `RESIDENT_BYTES`."""
     device = training_args.device
     processor = splits.processor
-    size = (processor.crop_size["height"], processor.crop_size["width"])
+    size = crop_size(processor)
     normalize = Normalize(processor.image_mean, processor.image_std, device)
     train_stream = DeviceStream(training_args.seed, device)
     columns, budget = (splits.image_column, splits.label_column), RESIDENT_BYTES

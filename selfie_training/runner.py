@@ -20,7 +20,7 @@ from modeling_selfie.configuration_selfie import is_number, is_positive_int
 from modeling_selfie.modeling_selfie import create_resnet
 
 from .checkpoints import load_checkpoint, load_selfie_config, load_training_stages
-from .data import DataArguments
+from .data import SEED_RANGE, DataArguments, crop_size
 from .errors import TrainingStopped, UserError, first_line
 from .hub import check_hub, is_hub_id, unreachable_reason
 from .timm_weights import TIMM_WEIGHTS, load_timm_weights
@@ -151,7 +151,7 @@ def _in_range(low, high) -> tuple:
     return lambda value: low <= value < high, f"must be in [{low}, {high})"
 
 
-SEEDS = _in_range(0, 2**32)  # numpy's
+SEEDS = _in_range(*SEED_RANGE)
 # The TrainingArguments fields that transformers takes unchecked and torch refuses only at the first step (after the
 # data and the model are loaded), or takes silently (a negative --save_steps saves no checkpoint): what each must be.
 TRAINING_ARGUMENT_RANGES = {
@@ -466,7 +466,7 @@ def load_image_processor(model_args: ModelArguments, preset_name: str, config: S
     else:
         _check_image_processor(path)
         processor, origin = AutoImageProcessor.from_pretrained(path), path
-    crop = (processor.crop_size["height"], processor.crop_size["width"])
+    crop = crop_size(processor)
     if crop != config.image_height_width:
         raise UserError(
             f"{origin} crops images to {crop[0]}x{crop[1]}, but the model takes {'x'.join(map(str, config.image_height_width))} images (changed "
